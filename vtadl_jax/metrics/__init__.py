@@ -1,0 +1,1 @@
+"""Exact anomaly-detection metrics: AUROC, average precision, AUPRO, F1-max."""
