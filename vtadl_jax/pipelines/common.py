@@ -1,0 +1,135 @@
+"""What both methods' pipelines share: the work directory, data from a config, and the
+evaluation report (metrics JSON, heatmap overlays, ROC curve)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from vtadl_jax import data as data_lib
+from vtadl_jax import evaluate, metrics, report
+
+RUN_FILE = "run.json"
+
+
+def write_run(workdir: str, method: str, config: ml_collections.ConfigDict) -> None:
+    """Record the method and its full config in `workdir`/run.json (atomically)."""
+    evaluate.write_json_atomic({"method": method, "config": config.to_dict()},
+                               os.path.join(workdir, RUN_FILE))
+
+
+def read_run(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no run here; create one with `vtadl-jax train` or `vtadl-jax fit`")
+    with open(path) as f:
+        run = json.load(f)
+    return run["method"], ml_collections.ConfigDict(run["config"])
+
+
+def read_method(workdir: str) -> str:
+    return read_run(workdir)[0]
+
+
+def make_source(data_cfg: ml_collections.ConfigDict, split: str):
+    """A data source from the `data` section of a config (see experiments/*.py).
+
+    Fields: name ("mvtec_ad/<category>", "btad/<product>", "mnist_one_class/<digit>",
+    "folder"), root, preset, image_size (None = the preset's), scale (None = the
+    preset's; "zero_one", "minus_one_one", "imagenet"), backend ("tfds" or "direct"),
+    data_dir (TFDS directory), max_examples (MNIST subsets for quick runs).
+    """
+    get = lambda key: data_cfg.get(key, None)  # noqa: E731
+    kwargs = {}
+    if get("scale"):
+        kwargs["scale"] = data_cfg.scale
+    preprocessing = data_lib.preset(data_cfg.preset, size=get("image_size"), **kwargs)
+    return data_lib.make_source(
+        data_cfg.name, split, root=get("root"), data_dir=get("data_dir"), preset=preprocessing,
+        backend=get("backend") or "tfds", max_examples=get("max_examples"))
+
+
+def load_image_for_inference(path: str, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """One image file preprocessed exactly as the config's test images are."""
+    get = lambda key: data_cfg.get(key, None)  # noqa: E731
+    kwargs = {"scale": data_cfg.scale} if get("scale") else {}
+    preprocessing = data_lib.preset(data_cfg.preset, size=get("image_size"), **kwargs)
+    return preprocessing.image(data_lib.load_image(path))
+
+
+def iterate_batches(source, batch_size: int, *, desc: str) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, in order, with a progress bar (the last batch may be short)."""
+    batches = data_lib.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1)
+    total = data_lib.num_batches(len(source), batch_size, drop_remainder=False)
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+        valid = batch.pop("valid", None)
+        if valid is not None and not valid.all():  # the padded last batch: real rows only
+            batch = {k: v[valid] for k, v in batch.items()}
+        yield batch
+
+
+def collect_outputs(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], source,
+                    batch_size: int, *, keep_images: int = 0,
+                    desc: str = "scoring") -> dict[str, np.ndarray]:
+    """Run `predict(images) -> (maps (B, H, W), scores (B,))` over a test source.
+
+    Returns maps, scores, masks, labels, defects (and the first `keep_images` images for
+    pictures). Maps are kept at the ground-truth resolution of the source.
+    """
+    out: dict[str, list] = {"maps": [], "scores": [], "masks": [], "labels": [], "defects": [],
+                            "filenames": []}
+    images: list[np.ndarray] = []
+    for batch in iterate_batches(source, batch_size, desc=desc):
+        maps, scores = predict(batch["image"])
+        out["maps"].append(np.asarray(maps, np.float32))
+        out["scores"].append(np.asarray(scores, np.float64))
+        out["masks"].append(np.asarray(batch["mask"]))
+        out["labels"].append(np.asarray(batch["label"]))
+        out["defects"].append(np.asarray(batch.get("defect", [""] * len(scores)), dtype=object))
+        out["filenames"].append(np.asarray(batch.get("filename", [""] * len(scores)), dtype=object))
+        images.extend(np.asarray(batch["image"]))
+    result = {k: np.concatenate(v) for k, v in out.items()}
+    result["images"] = np.stack(images) if images else np.zeros((0,))
+    return result
+
+
+def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: int = 6,
+                 extra: dict[str, Any] | None = None, title: str = "") -> dict[str, Any]:
+    """metrics.json, overlays.png and roc.png in `workdir`/eval; returns the metrics."""
+    eval_dir = os.path.join(workdir, "eval")
+    has_pixels = outputs["masks"].ndim == 3 and outputs["masks"].any()
+    result = evaluate.evaluate_outputs(outputs["maps"] if has_pixels else None, outputs["scores"],
+                                       outputs["masks"] if has_pixels else None, outputs["labels"])
+    if extra:
+        result.update(extra)
+    per_defect = {}
+    for defect in sorted(set(outputs["defects"].tolist()) - {"good", ""}):
+        keep = (outputs["defects"] == defect) | (outputs["labels"] == 0)
+        if 0 < outputs["labels"][keep].sum() < keep.sum():
+            per_defect[defect] = metrics.auroc(outputs["scores"][keep], outputs["labels"][keep])
+    if per_defect:
+        result["image_auroc_per_defect"] = per_defect
+    metrics_path = os.path.join(eval_dir, "metrics.json")
+    evaluate.write_json_atomic(result, metrics_path)
+    if num_overlays and outputs["images"].size:
+        idx = report.pick_examples(outputs["labels"], outputs["scores"], num_overlays)
+        titles = [f"{outputs['defects'][i]} score={outputs['scores'][i]:.3g}" for i in idx]
+        report.save_overlays(os.path.join(eval_dir, "overlays.png"), outputs["images"][idx],
+                             outputs["maps"][idx], outputs["masks"][idx], titles=titles)
+    if 0 < outputs["labels"].sum() < outputs["labels"].size:
+        fpr, tpr = metrics.roc_curve(outputs["scores"], outputs["labels"])[:2]
+        curves = {f"image (AUROC {result['image_auroc']:.3f})": (fpr, tpr)}
+        if has_pixels:
+            pf, pt = metrics.roc_curve(outputs["maps"], outputs["masks"])[:2]
+            step = max(1, pf.size // 2000)
+            curves[f"pixel (AUROC {result['pixel_auroc']:.3f})"] = (pf[::step], pt[::step])
+        report.save_curve(os.path.join(eval_dir, "roc.png"), curves, xlabel="false positive rate",
+                          ylabel="true positive rate", title=title or "ROC", diagonal=True)
+    result["metrics_path"] = metrics_path
+    return result

@@ -1,0 +1,160 @@
+"""Patch-Gaussian method end to end: fit from a config, save/load, evaluate, predict.
+
+Work directory layout (everything `evaluate`/`predict` need):
+    run.json            method + full config
+    model/              orbax checkpoint: mean, chol, whiten (+ backbone variables)
+    model_spec.json     PatchGaussianSpec, grid, number of training images, timings
+    eval/               metrics.json, overlays.png, roc.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vtadl_jax import evaluate
+from vtadl_jax.methods import patch_gaussian as pg
+from vtadl_jax.models.backbones.registry import Backbone, from_variables, load_backbone
+from vtadl_jax.pipelines import common
+
+METHOD = "patch_gaussian"
+
+
+def spec_from_config(config: ml_collections.ConfigDict, backbone: Backbone) -> pg.PatchGaussianSpec:
+    g, b = config.gaussian, config.backbone
+    stages = tuple(b.stages)
+    channel_indices = None
+    if g.channel_subset:
+        size = config.data.image_size
+        probe = backbone.features(jnp.zeros((1, size, size, 3), jnp.float32))
+        total = pg.combine_stages(probe, stages, g.upsample).shape[-1]
+        channel_indices = pg.random_channel_subset(total, g.channel_subset, config.seed)
+    return pg.PatchGaussianSpec(backbone=b.name, stages=stages, upsample=g.upsample,
+                                channel_indices=channel_indices, eps=g.eps,
+                                input_size=config.data.image_size, blur_sigma=g.blur_sigma,
+                                score_path=g.score_path, seed=config.seed)
+
+
+def feature_fn(backbone: Backbone, spec: pg.PatchGaussianSpec):
+    """Jitted images (B, S, S, 3) in [0, 1] -> combined features (B, h, w, C)."""
+    def fn(images):
+        return pg.combine_stages(backbone.features(images), spec.stages, spec.upsample,
+                                 spec.channel_indices)
+    return fn
+
+
+def _to_rgb01(images: np.ndarray) -> np.ndarray:
+    """Data-layer images (scaled to [0, 1] by the config) -> 3-channel float32."""
+    images = np.asarray(images, np.float32)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return images
+
+
+def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel:
+    """Extract features of the normal training images, fit, save to `workdir`."""
+    os.makedirs(workdir, exist_ok=True)
+    common.write_run(workdir, METHOD, config)
+    backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
+                             seed=config.seed)
+    spec = spec_from_config(config, backbone)
+    features = feature_fn(backbone, spec)
+    source = common.make_source(config.data, "train")
+    start = time.perf_counter()
+    batches = (features(_to_rgb01(b["image"])) for b in
+               common.iterate_batches(source, config.batch_size, desc="fit: features"))
+    stats, grid = pg.fit_statistics(batches, shard_positions=config.gaussian.shard_positions)
+    model = pg.finalize_model(stats, grid, spec)
+    jax.block_until_ready(model.whiten)
+    fit_seconds = time.perf_counter() - start
+    save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds})
+    print(f"fitted {model.num_images} images, grid {grid}, {model.mean.shape[-1]} channels "
+          f"in {fit_seconds:.1f}s -> {workdir}")
+    return model
+
+
+def save_model(workdir: str, model: pg.PatchGaussianModel, backbone: Backbone,
+               extra: dict | None = None) -> None:
+    """Orbax checkpoint of the arrays and the backbone variables, plus a JSON spec."""
+    path = os.path.abspath(os.path.join(workdir, "model"))
+    tree = {"mean": model.mean, "chol": model.chol, "whiten": model.whiten,
+            "backbone": backbone.variables}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree, force=True)
+        ckptr.wait_until_finished()
+    meta = {"spec": model.spec.to_json(), "grid": list(model.grid),
+            "num_images": model.num_images, **(extra or {})}
+    evaluate.write_json_atomic(meta, os.path.join(workdir, "model_spec.json"))
+
+
+def load_model(workdir: str) -> tuple[pg.PatchGaussianModel, Backbone]:
+    """The fitted model and its frozen backbone from `workdir` (nothing else needed)."""
+    meta_path = os.path.join(workdir, "model_spec.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{meta_path}: no fitted patch-Gaussian model; run `vtadl-jax fit`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    spec = pg.PatchGaussianSpec.from_json(meta["spec"])
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(os.path.abspath(os.path.join(workdir, "model")))
+    backbone = from_variables(spec.backbone, tree["backbone"])
+    model = pg.PatchGaussianModel(spec=spec, grid=tuple(meta["grid"]), mean=tree["mean"],
+                                  chol=tree["chol"], whiten=tree["whiten"],
+                                  num_images=meta["num_images"])
+    return model, backbone
+
+
+def make_predict(model: pg.PatchGaussianModel, backbone: Backbone, out_size: tuple[int, int]):
+    """images (B, S, S, C) in [0, 1] -> (maps (B, H, W) at out_size, scores (B,))."""
+    features = feature_fn(backbone, model.spec)
+
+    @jax.jit
+    def predict(images):
+        return pg.anomaly_maps(model, features(images), out_size)
+
+    return lambda images: jax.device_get(predict(_to_rgb01(images)))
+
+
+def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
+                     overrides: Sequence[str] = ()) -> dict:
+    """Score the test split of the config's dataset; write the evaluation report."""
+    from vtadl_jax.configs import apply_overrides
+
+    _, config = common.read_run(workdir)
+    apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
+    model, backbone = load_model(workdir)
+    source = common.make_source(config.data, "test")
+    size = source[0]["mask"].shape
+    start = time.perf_counter()
+    outputs = common.collect_outputs(make_predict(model, backbone, size), source,
+                                     config.batch_size, desc="evaluate")
+    seconds = time.perf_counter() - start
+    return common.write_report(workdir, outputs, num_overlays=num_overlays,
+                               extra={"eval_seconds": seconds, "method": METHOD},
+                               title=f"patch Gaussians ({model.spec.backbone})")
+
+
+def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
+    """Anomaly maps of image files as overlay PNGs (+ scores.json) in `out_dir`."""
+    from vtadl_jax import report
+    _, config = common.read_run(workdir)
+    model, backbone = load_model(workdir)
+    images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
+    maps, scores = make_predict(model, backbone, images.shape[1:3])(images)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path, image, amap in zip(paths, images, maps):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        written.append(report.save_overlays(os.path.join(out_dir, f"{stem}_heatmap.png"),
+                                            image[None], amap[None], titles=[stem]))
+    evaluate.write_json_atomic({os.path.basename(p): float(s) for p, s in zip(paths, scores)},
+                               os.path.join(out_dir, "scores.json"))
+    return written
