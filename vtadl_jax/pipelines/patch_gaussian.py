@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 
 from vtadl_jax import evaluate
 from vtadl_jax.methods import patch_gaussian as pg
-from vtadl_jax.models.backbones.registry import Backbone, from_variables, load_backbone
+from vtadl_jax.models.backbones.registry import (Backbone, from_variables, load_backbone,
+                                                  module_config_of)
 from vtadl_jax.pipelines import common
 
 METHOD = "patch_gaussian"
@@ -91,7 +92,8 @@ def save_model(workdir: str, model: pg.PatchGaussianModel, backbone: Backbone,
         ckptr.save(path, tree, force=True)
         ckptr.wait_until_finished()
     meta = {"spec": model.spec.to_json(), "grid": list(model.grid),
-            "num_images": model.num_images, **(extra or {})}
+            "num_images": model.num_images, "backbone_config": module_config_of(backbone),
+            **(extra or {})}
     evaluate.write_json_atomic(meta, os.path.join(workdir, "model_spec.json"))
 
 
@@ -105,7 +107,7 @@ def load_model(workdir: str) -> tuple[pg.PatchGaussianModel, Backbone]:
     spec = pg.PatchGaussianSpec.from_json(meta["spec"])
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.abspath(os.path.join(workdir, "model")))
-    backbone = from_variables(spec.backbone, tree["backbone"])
+    backbone = from_variables(spec.backbone, tree["backbone"], meta.get("backbone_config"))
     model = pg.PatchGaussianModel(spec=spec, grid=tuple(meta["grid"]), mean=tree["mean"],
                                   chol=tree["chol"], whiten=tree["whiten"],
                                   num_images=meta["num_images"])

@@ -57,8 +57,12 @@ class Backbone:
         return self._apply(self.variables, x)
 
 
-def build_module(name: str) -> nn.Module:
-    """The Flax module of a registered backbone (no weights)."""
+def build_module(name: str, module_config: Mapping[str, Any] | None = None) -> nn.Module:
+    """The Flax module of a registered backbone (no weights).
+
+    `module_config`: for ConTNet, the fields of the ConTNetConfig detected from a
+    checkpoint (see `module_config_of`); None means the named variant's defaults.
+    """
     if name not in BACKBONES:
         raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
     if name == "efficientnet_lite0":
@@ -67,29 +71,30 @@ def build_module(name: str) -> nn.Module:
         return EfficientNetLite0()
     from vtadl_jax.models.backbones import contnet
 
+    if module_config is not None:
+        fields = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                  if isinstance(v, list) else v for k, v in module_config.items()}
+        return contnet.ConTNet(config=contnet.ConTNetConfig(**fields))
     return contnet.contnet_b() if name == "contnet_b" else contnet.contnet_tiny()
 
 
-def _input_multiple(module: nn.Module) -> int:
-    """Side multiple the module needs (ConTNet: its window tiling; EfficientNet: any)."""
-    config = getattr(module, "config", None)
-    return int(getattr(config, "input_multiple", 1))
+def module_config_of(backbone: "Backbone") -> dict[str, Any] | None:
+    """JSON-able architecture fields needed to rebuild the module (ConTNet only)."""
+    config = getattr(backbone.module, "config", None)
+    return None if config is None else dataclasses.asdict(config)
 
 
 def from_variables(name: str, variables: Mapping[str, Any],
-                   module: nn.Module | None = None) -> Backbone:
-    """A backbone from restored variables (e.g. out of a fitted model's checkpoint).
+                   module_config: Mapping[str, Any] | None = None) -> Backbone:
+    """A backbone from restored variables (e.g. out of a fitted model's checkpoint)."""
+    return _wrap(name, build_module(name, module_config), variables)
 
-    `module`: the Flax module the variables belong to (default: `build_module(name)`);
-    pass it when the weights came with their own configuration (a converted checkpoint).
-    """
-    if name not in BACKBONES:
-        raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
-    module = build_module(name) if module is None else module
+
+def _wrap(name: str, module: nn.Module, variables: Mapping[str, Any]) -> Backbone:
     if name == "efficientnet_lite0":
         return Backbone(name, module, variables, TF_LITE_MEAN, TF_LITE_STD)
     return Backbone(name, module, variables, IMAGENET_MEAN, IMAGENET_STD,
-                    input_multiple=_input_multiple(module))
+                    input_multiple=module.config.input_multiple)
 
 
 def load_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> Backbone:
@@ -105,21 +110,17 @@ def load_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> Ba
         raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
     if weights == "random":
         module = build_module(name)
-        # Parameter shapes do not depend on the input side: initialise on the smallest
-        # valid one (224 is not a multiple of contnet_tiny's 64, and is slow to trace).
-        side = max(_input_multiple(module), 32)
-        dummy = jnp.zeros((1, side, side, 3), jnp.float32)
-        variables = jax.jit(module.init)(jax.random.key(seed), dummy)
-    elif name == "efficientnet_lite0":
+        size = getattr(getattr(module, "config", None), "input_multiple", 224)
+        dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+        return _wrap(name, module, jax.jit(module.init)(jax.random.key(seed), dummy))
+    if name == "efficientnet_lite0":
         from vtadl_jax.convert.efficientnet_lite import load_efficientnet_lite0
 
-        module, variables = load_efficientnet_lite0(weights)
-    elif weights is None:
+        return _wrap(name, *load_efficientnet_lite0(weights))
+    if weights is None:
         raise ValueError(
             f"backbone {name}: pass the authors' released checkpoint with "
             "backbone.weights=/path/to/contnet_b.pth (it cannot be downloaded here)")
-    else:
-        from vtadl_jax.convert.contnet import load_contnet_pth
+    from vtadl_jax.convert.contnet import load_contnet_pth
 
-        module, variables = load_contnet_pth(weights)
-    return from_variables(name, variables, module)
+    return _wrap(name, *load_contnet_pth(weights))
