@@ -33,7 +33,7 @@ test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test
-	$(BIN)/python experiments/benchmark_kernels.py
+	$(BIN)/python experiments/benchmark.py --out outputs/bench
 
 clean:
 	rm -rf $(VENV) outputs

@@ -56,8 +56,11 @@ def _pipeline_for(workdir: str):
     method = _method_of(workdir)
     if method == "vtadl":
         from vtadl_jax.pipelines import vtadl as pipeline
-    else:
+    elif method == "patch_gaussian":
         from vtadl_jax.pipelines import patch_gaussian as pipeline
+    else:
+        raise ValueError(f"{os.path.join(workdir, 'run.json')}: unknown method {method!r}; "
+                         "expected 'vtadl' or 'patch_gaussian'")
     return pipeline
 
 
@@ -125,8 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as err:
-        print(f"vtadl-jax {args.command}: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError,
+            FloatingPointError) as err:
+        # str(KeyError) is the repr of its message (extra quotes): print the message.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"vtadl-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

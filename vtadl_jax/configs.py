@@ -21,6 +21,8 @@ def _import_file(path: str):
         raise FileNotFoundError(f"config file not found: {path}")
     name = "vtadl_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"config file {path}: expected a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -43,6 +45,9 @@ def _parse_value(text: str, current):
             return False
         raise ValueError(f"expected a boolean, got {text!r}")
     value = ast.literal_eval(text)
+    if isinstance(value, bool) and isinstance(current, (int, float)):
+        # ConfigDict would silently store True in an int field (and 1.0 in a float one).
+        raise ValueError(f"expected a {type(current).__name__}, got the boolean {text!r}")
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
@@ -59,10 +64,13 @@ def apply_overrides(config: ml_collections.ConfigDict,
         key, text = item.split("=", 1)
         parts = key.split(".")
         node = config
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             if part not in node:
                 raise KeyError(f"override {item!r}: config has no field {part!r}")
             node = node[part]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise KeyError(f"override {item!r}: config field {'.'.join(parts[:i + 1])!r} "
+                               f"is a value, not a section with field {parts[i + 1]!r}")
         leaf = parts[-1]
         if leaf not in node:
             raise KeyError(f"override {item!r}: config has no field {key!r}; "

@@ -23,12 +23,17 @@ def _check_outputs(maps, scores, masks, labels) -> None:
         raise ValueError(f"scores: expected shape (N,), got {scores.shape}")
     if labels.shape != scores.shape:
         raise ValueError(f"labels: expected shape {scores.shape} like scores, got {labels.shape}")
-    if maps is not None and masks is not None:
-        if maps.ndim != 3 or masks.shape != maps.shape:
-            raise ValueError(
-                f"maps and masks: expected equal shapes (N, H, W), got {maps.shape} and {masks.shape}")
-        if maps.shape[0] != scores.shape[0]:
-            raise ValueError(f"maps: expected {scores.shape[0]} maps (one per score), got {maps.shape[0]}")
+    for name, arr in (("maps", maps), ("masks", masks)):
+        if arr is None:
+            continue
+        if arr.ndim != 3:
+            raise ValueError(f"{name}: expected shape (N, H, W), got {arr.shape}")
+        if arr.shape[0] != scores.shape[0]:
+            raise ValueError(f"{name}: expected {scores.shape[0]} {name} (one per score), "
+                             f"got {arr.shape[0]}")
+    if maps is not None and masks is not None and masks.shape != maps.shape:
+        raise ValueError(
+            f"maps and masks: expected equal shapes (N, H, W), got {maps.shape} and {masks.shape}")
 
 
 def evaluate_outputs(maps: np.ndarray | None, scores: np.ndarray, masks: np.ndarray | None,
@@ -64,11 +69,28 @@ def evaluate_outputs(maps: np.ndarray | None, scores: np.ndarray, masks: np.ndar
         out["pixel_ap"] = metrics.average_precision(maps, masks)
         out["aupro"] = metrics.aupro(maps, masks, fpr_limit=fpr_limit)
         out["aupro_fpr_limit"] = fpr_limit
+    elif maps is None and masks is not None:
+        skipped["pixel"] = "no anomaly maps"
     elif maps is not None:
-        skipped["pixel"] = "no pixel ground truth with both classes"
+        skipped["pixel"] = ("no pixel ground truth" if masks is None
+                            else "no pixel ground truth with both classes")
     if skipped:
         out["skipped"] = skipped
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else via os.umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
@@ -78,8 +100,12 @@ def write_json_atomic(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
+            # mkstemp creates the file 0600; give it the mode open() would (0666 & ~umask).
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -74,12 +74,17 @@ def pick_examples(labels: np.ndarray, scores: np.ndarray, count: int = 6) -> np.
     anomalous = [i for i in order if labels[i] == 1]
     normal = [i for i in order if labels[i] == 0]
     half = max(1, count // 3)
-    chosen = anomalous[:half] + anomalous[::-1][:half] + normal[:count - 2 * half]
+    chosen = anomalous[:half] + anomalous[::-1][:half] + normal[:max(0, count - 2 * half)]
+    # When a class is small (or missing) the picks above overlap or run short: fill up
+    # with the next-highest normal images, then the remaining anomalous ones.
+    chosen += normal + anomalous
     seen: list[int] = []
     for i in chosen:
-        if i not in seen:
+        if len(seen) == count:
+            break
+        if int(i) not in seen:
             seen.append(int(i))
-    return np.asarray(seen[:count], np.int64)
+    return np.asarray(seen, np.int64)
 
 
 def save_curve(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], *, xlabel: str,
@@ -106,11 +111,11 @@ def save_curve(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], *, x
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+    if isinstance(value, (float, np.floating)):  # np.float32 is not a float subclass
+        return f"{float(value):.3f}"
+    return str(value).replace("|", "\\|")  # a bare "|" would split the cell
 
 
 def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -104,8 +104,10 @@ def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: 
     """metrics.json, overlays.png and roc.png in `workdir`/eval; returns the metrics."""
     eval_dir = os.path.join(workdir, "eval")
     has_pixels = outputs["masks"].ndim == 3 and outputs["masks"].any()
-    result = evaluate.evaluate_outputs(outputs["maps"] if has_pixels else None, outputs["scores"],
-                                       outputs["masks"] if has_pixels else None, outputs["labels"])
+    # Maps always go in, so that missing pixel ground truth is listed under "skipped".
+    result = evaluate.evaluate_outputs(outputs["maps"], outputs["scores"],
+                                       outputs["masks"] if outputs["masks"].ndim == 3 else None,
+                                       outputs["labels"])
     if extra:
         result.update(extra)
     per_defect = {}

@@ -9,8 +9,10 @@ Work directory layout (everything `evaluate`/`predict` need):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Sequence
 
@@ -63,7 +65,6 @@ def _to_rgb01(images: np.ndarray) -> np.ndarray:
 def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel:
     """Extract features of the normal training images, fit, save to `workdir`."""
     os.makedirs(workdir, exist_ok=True)
-    common.write_run(workdir, METHOD, config)
     backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
                              seed=config.seed)
     spec = spec_from_config(config, backbone)
@@ -77,6 +78,9 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     jax.block_until_ready(model.whiten)
     fit_seconds = time.perf_counter() - start
     save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds})
+    # Last: a fit that fails earlier leaves a previous run's run.json, model/ and
+    # model_spec.json untouched and consistent with each other.
+    common.write_run(workdir, METHOD, config)
     print(f"fitted {model.num_images} images, grid {grid}, {model.mean.shape[-1]} channels "
           f"in {fit_seconds:.1f}s -> {workdir}")
     return model
@@ -84,17 +88,32 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
 
 def save_model(workdir: str, model: pg.PatchGaussianModel, backbone: Backbone,
                extra: dict | None = None) -> None:
-    """Orbax checkpoint of the arrays and the backbone variables, plus a JSON spec."""
-    path = os.path.abspath(os.path.join(workdir, "model"))
+    """Orbax checkpoint of the arrays and the backbone variables, plus a JSON spec.
+
+    The checkpoint is written next to `model/` first and swapped in only when complete,
+    so a failed save leaves a previous model in `workdir` loadable.
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "model")
+    staging, retired = os.path.join(workdir, ".model-new"), os.path.join(workdir, ".model-old")
+    for leftover in (staging, retired):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
     tree = {"mean": model.mean, "chol": model.chol, "whiten": model.whiten,
             "backbone": backbone.variables}
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, tree, force=True)
+        ckptr.save(staging, tree, force=True)
         ckptr.wait_until_finished()
     meta = {"spec": model.spec.to_json(), "grid": list(model.grid),
             "num_images": model.num_images, "backbone_config": module_config_of(backbone),
             **(extra or {})}
+    if os.path.exists(path):
+        os.rename(path, retired)
+    os.rename(staging, path)
     evaluate.write_json_atomic(meta, os.path.join(workdir, "model_spec.json"))
+    if os.path.exists(retired):
+        shutil.rmtree(retired)
 
 
 def load_model(workdir: str) -> tuple[pg.PatchGaussianModel, Backbone]:
@@ -116,13 +135,20 @@ def load_model(workdir: str) -> tuple[pg.PatchGaussianModel, Backbone]:
 
 def make_predict(model: pg.PatchGaussianModel, backbone: Backbone, out_size: tuple[int, int]):
     """images (B, S, S, C) in [0, 1] -> (maps (B, H, W) at out_size, scores (B,))."""
-    features = feature_fn(backbone, model.spec)
+    # The fitted arrays and the backbone variables are arguments of the jitted function,
+    # not closed-over values: closed-over arrays are embedded in the program as constants
+    # (17 MB of HLO for EfficientNet-Lite0; about 1 GB for ConTNet-B's 1536-channel model).
+    arrays = {"mean": model.mean, "chol": model.chol, "whiten": model.whiten,
+              "backbone": backbone.variables}
 
     @jax.jit
-    def predict(images):
-        return pg.anomaly_maps(model, features(images), out_size)
+    def predict(arrays, images):
+        m = dataclasses.replace(model, mean=arrays["mean"], chol=arrays["chol"],
+                                whiten=arrays["whiten"])
+        b = dataclasses.replace(backbone, variables=arrays["backbone"], _apply=None)
+        return pg.anomaly_maps(m, feature_fn(b, model.spec)(images), out_size)
 
-    return lambda images: jax.device_get(predict(_to_rgb01(images)))
+    return lambda images: jax.device_get(predict(arrays, _to_rgb01(images)))
 
 
 def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
@@ -152,11 +178,30 @@ def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]
     images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
     maps, scores = make_predict(model, backbone, images.shape[1:3])(images)
     os.makedirs(out_dir, exist_ok=True)
+    names = _unique_names(paths)
     written = []
-    for path, image, amap in zip(paths, images, maps):
-        stem = os.path.splitext(os.path.basename(path))[0]
+    for name, image, amap in zip(names, images, maps):
+        stem = os.path.splitext(name)[0]
         written.append(report.save_overlays(os.path.join(out_dir, f"{stem}_heatmap.png"),
                                             image[None], amap[None], titles=[stem]))
-    evaluate.write_json_atomic({os.path.basename(p): float(s) for p, s in zip(paths, scores)},
+    evaluate.write_json_atomic({name: float(s) for name, s in zip(names, scores)},
                                os.path.join(out_dir, "scores.json"))
     return written
+
+
+def _unique_names(paths: Sequence[str]) -> list[str]:
+    """File base names, made unique where they repeat (MVTec's test/good/000.png and
+    test/scratch/000.png): "<parent folder>_<name>", then an index if still needed."""
+    base = [os.path.basename(p) for p in paths]
+    names = [b if base.count(b) == 1 else
+             f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{b}"
+             for p, b in zip(paths, base)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if name in seen or names.count(name) > 1:
+            seen[name] = seen.get(name, -1) + 1
+            stem, ext = os.path.splitext(name)
+            name = f"{stem}_{seen[name]}{ext}"
+        out.append(name)
+    return out

@@ -97,6 +97,40 @@ def _wrap(name: str, module: nn.Module, variables: Mapping[str, Any]) -> Backbon
                     input_multiple=module.config.input_multiple)
 
 
+def random_variables(module: nn.Module, seed: int = 0) -> dict[str, Any]:
+    """Seeded random variables for `module`, drawn in NumPy (tests and smoke runs only).
+
+    `jax.jit(module.init)` spends ~20 s compiling one threefry program per initialiser on
+    a CPU (EfficientNet-Lite0 at 224); here only the shapes are traced (`jax.eval_shape`,
+    < 1 s) and the leaves are drawn with NumPy: convolution kernels N(0, 2 / fan_in)
+    (He, so activations keep their scale through the ReLU6 stacks), dense kernels
+    N(0, 1 / fan_in), BatchNorm/LayerNorm scales and running variances 1, biases and
+    running means 0, anything else (position embeddings) N(0, 0.02^2). Parameter shapes
+    do not depend on the input side, so the smallest valid one is traced.
+    """
+    side = max(int(getattr(getattr(module, "config", None), "input_multiple", 32)), 32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = getattr(path[-1], "key", str(path[-1]))
+        shape = leaf.shape
+        if key == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            gain = 2.0 if len(shape) == 4 else 1.0
+            value = rng.standard_normal(shape) * np.sqrt(gain / max(fan_in, 1))
+        elif key in ("scale", "var"):
+            value = np.ones(shape)
+        elif key in ("bias", "mean"):
+            value = np.zeros(shape)
+        else:
+            value = 0.02 * rng.standard_normal(shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def load_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> Backbone:
     """Build a backbone by registry name, with its weights.
 
@@ -110,9 +144,7 @@ def load_backbone(name: str, weights: str | None = None, *, seed: int = 0) -> Ba
         raise ValueError(f"backbone: expected one of {BACKBONES}, got {name!r}")
     if weights == "random":
         module = build_module(name)
-        size = getattr(getattr(module, "config", None), "input_multiple", 224)
-        dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-        return _wrap(name, module, jax.jit(module.init)(jax.random.key(seed), dummy))
+        return _wrap(name, module, random_variables(module, seed))
     if name == "efficientnet_lite0":
         from vtadl_jax.convert.efficientnet_lite import load_efficientnet_lite0
 

@@ -1,0 +1,87 @@
+"""Shared machinery of the experiment runners: cached runs, tables with the paper's
+numbers beside the measured ones, and the machine a result was measured on.
+
+Every unit of work (one digit, one category, one K) writes its result to
+`<out>/runs/<key>.json` when it finishes; a rerun loads finished units instead of
+recomputing them, so an interrupted sweep continues where it stopped (`--fresh`
+recomputes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+from vtadl_jax.evaluate import write_json_atomic
+from vtadl_jax.report import write_tables
+
+
+def machine() -> dict[str, Any]:
+    """Where a figure was measured (recorded with every result)."""
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
+            "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "host": platform.machine()}
+
+
+def cached(out_dir: str, key: str, fn: Callable[[], dict[str, Any]], *,
+           fresh: bool = False) -> dict[str, Any]:
+    """Run `fn` once per key; its dict result (plus seconds and machine) is stored."""
+    path = os.path.join(out_dir, "runs", f"{key}.json")
+    if os.path.isfile(path) and not fresh:
+        with open(path) as f:
+            result = json.load(f)
+        print(f"[cached] {key}")
+        return result
+    start = time.perf_counter()
+    result = dict(fn())
+    result.setdefault("seconds", time.perf_counter() - start)
+    result.setdefault("machine", machine())
+    write_json_atomic(result, path)
+    return result
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="output folder (tables, plots, cached runs)")
+    parser.add_argument("--fresh", action="store_true", help="recompute cached runs")
+    if extra:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def write_report(out_dir: str, stem: str, rows: list[dict[str, Any]], columns: Sequence[str],
+                 *, title: str, notes: Sequence[str] = ()) -> str:
+    """`<out>/<stem>.md` and `.csv`; notes are appended to the Markdown under the table."""
+    md, _ = write_tables(os.path.join(out_dir, stem), rows, columns, title=title)
+    if notes:
+        with open(md, "a") as f:
+            f.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    with open(md) as f:
+        print(f.read())
+    return md
+
+
+def mean_row(rows: list[dict[str, Any]], label_key: str, label: str,
+             columns: Sequence[str]) -> dict[str, Any]:
+    """A 'mean' row over the numeric columns present in every row."""
+    out: dict[str, Any] = {label_key: label}
+    for c in columns:
+        values = [r[c] for r in rows if isinstance(r.get(c), (int, float))]
+        if values and len(values) == len(rows):
+            out[c] = sum(values) / len(values)
+    return out
+
+
+def missing_dataset_note(name: str, env_var: str, layout: str) -> str:
+    return (f"{name} was not found (set {env_var}=/path/to/{layout} to run on it; it cannot "
+            "be downloaded on the project machines). This run used the generated "
+            "MVTec-layout set instead, to prove the machinery end to end.")
