@@ -1,0 +1,229 @@
+"""The VT-ADL training loop: ``train(config, workdir, train_source)``.
+
+Mishra et al. 2021 (VT-ADL). One process per host; every process runs this function.
+Multi-host: set ``config.distributed = True`` (or export ``JAX_COORDINATOR_ADDRESS``)
+and ``jax.distributed.initialize()`` is called first (it reads the coordinator, process
+count and id from the environment: SLURM, Open MPI, Cloud TPU, or the JAX_* variables);
+each process then reads its own B / process_count rows of every global batch from the
+data layer (``batches`` uses ``jax.process_index()``) and the step is data-parallel over
+all devices of all hosts. On one host nothing needs to be set.
+
+Per step: one JSON line in ``<workdir>/metrics.jsonl`` (step, loss, nll, mse, ssim,
+ssim_term, grad_norm, images_per_s) and a tqdm bar. A non-finite loss term stops the run
+with ``FloatingPointError`` naming the step and the term; the last good checkpoint is
+left intact (a non-finite state is never saved; orbax saves are atomic).
+``config.resume = True`` restores the latest checkpoint (step, params, batch_stats,
+opt_state, rng) and restarts the data stream at that step, so that the result equals an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from vtadl_jax.models.variants import get_variant
+from vtadl_jax.models.vtadl import VTADL
+from vtadl_jax.train import checkpoint as ckpt
+from vtadl_jax.train.optim import make_optimizer
+from vtadl_jax.train.state import TrainState, create_train_state
+from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, replicate, shard_batch
+
+BatchIteratorFn = Callable[[int], Iterator[Mapping[str, Any]]]
+RANGES = {"[-1,1]": (-1.0, 1.0), "[0,1]": (0.0, 1.0)}
+CHECKED_TERMS = ("loss", "nll", "mse", "ssim")
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Call ``jax.distributed.initialize()`` when the config or environment asks for it."""
+    if config.get("distributed", False) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+
+
+def build_model(config: ml_collections.ConfigDict) -> VTADL:
+    """The ``VTADL`` module of ``config.model`` (variant name + field overrides)."""
+    overrides = dict(config.model.get("overrides", {}) or {})
+    return get_variant(config.model.variant, **overrides)
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+    """``LossConfig`` from ``config.loss``; ssim_max_val None -> the input range's width."""
+    fields = dict(config.get("loss", {}) or {})
+    if fields.get("ssim_max_val") is None:
+        lo, hi = _range(config.get("input_range", "[-1,1]"), "input_range")
+        fields["ssim_max_val"] = hi - lo
+    return LossConfig(**fields)
+
+
+def _range(name: str, field: str) -> tuple[float, float]:
+    if name not in RANGES:
+        raise ValueError(f"config.{field} must be one of {sorted(RANGES)}, got {name!r}")
+    return RANGES[name]
+
+
+def rescale_images(images: np.ndarray, source_range: str, input_range: str) -> np.ndarray:
+    """Linear map of pixel values from ``source_range`` to ``input_range``."""
+    (a, b), (c, d) = _range(source_range, "data.source_range"), _range(input_range, "input_range")
+    if (a, b) == (c, d):
+        return images
+    return (images - a) * ((d - c) / (b - a)) + c
+
+
+def default_batch_iterator(config: ml_collections.ConfigDict, source) -> BatchIteratorFn:
+    """start_step -> the data layer's endless, seeded, shuffled stream of this process's
+    rows of every global batch (``vtadl_jax.data.batches``)."""
+    from vtadl_jax.data import batches
+
+    def make(start_step: int):
+        return iter(batches(source, config.batch_size, seed=config.seed, shuffle=True,
+                            drop_remainder=True, start_step=start_step,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count()))
+
+    return make
+
+
+def _truncate_log(path: str, last_step: int) -> None:
+    """Drop log lines of steps after ``last_step`` (left by a run that died after them)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
+    bad = [k for k in CHECKED_TERMS if not math.isfinite(metrics[k])]
+    if bad:
+        manager.wait_until_finished()
+        values = ", ".join(f"{k}={metrics[k]}" for k in CHECKED_TERMS)
+        raise FloatingPointError(
+            f"non-finite loss term(s) {bad} at step {step} ({values}); training stopped. "
+            f"Last good checkpoint: step {manager.latest_step()} in {manager.directory}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
+          batch_iterator: BatchIteratorFn | None = None,
+          eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
+          ) -> tuple[TrainState, dict]:
+    """Train VT-ADL; return (final state, summary dict).
+
+    Args:
+      config: see ``experiments/vtadl_tiny.py`` for the fields.
+      workdir: output directory (checkpoints/, metrics.jsonl, config.json).
+      train_source: a random-access Source of dicts with "image" (H, W, C) float32;
+        consumed with ``vtadl_jax.data.batches`` unless ``batch_iterator`` is given.
+      batch_iterator: optional ``start_step -> iterator`` of dicts with "image" of this
+        process's rows (B / process_count, H, W, C); it must restart the stream at
+        ``start_step`` for exact resumption.
+      eval_fn: optional ``state -> metrics`` run at every checkpoint; its keys may be
+        used as ``config.checkpoint.best_metric``.
+    """
+    maybe_initialize_distributed(config)
+    model, tx, loss_cfg = build_model(config), make_optimizer(**config.optim), loss_config(config)
+    mesh = make_mesh()
+    if config.batch_size % mesh.size:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{mesh.size} devices")
+    image_shape = (*model.image_size, model.channels)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    c = config.checkpoint
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=c.keep,
+                                keep_best=c.keep_best, best_metric=c.best_metric,
+                                best_mode=c.best_mode, async_save=c.get("async_save", True))
+    state = replicate(create_train_state(model, tx, config.seed, image_shape), mesh)
+    if config.get("resume", True) and manager.latest_step() is not None:
+        state = ckpt.restore_state(manager, state)
+    start = int(jax.device_get(state.step))
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    if is_main:
+        _truncate_log(log_path, start)
+    if batch_iterator is None:
+        if train_source is None:
+            raise ValueError("train: give train_source or batch_iterator")
+        batch_iterator = default_batch_iterator(config, train_source)
+    stream = batch_iterator(start)
+    step_fn = make_train_step(model, tx, loss_cfg, mesh)
+    source_range = config.data.get("source_range", "[-1,1]")
+    input_range = config.get("input_range", "[-1,1]")
+
+    metrics: dict[str, float] = {}
+    since_save: list[float] = []
+    bar = tqdm(total=config.num_steps, initial=start, disable=not (is_main and config.get(
+        "progress", True)), desc="vtadl", dynamic_ncols=True)
+    log = open(log_path, "a") if is_main else None
+    try:
+        for step in range(start + 1, config.num_steps + 1):
+            try:
+                batch = next(stream)
+            except StopIteration:
+                raise RuntimeError(f"the batch stream ended before step {step}") from None
+            images = np.asarray(batch["image"], np.float32).reshape(-1, *image_shape)
+            images = rescale_images(images, source_range, input_range)
+            t0 = time.perf_counter()
+            state, m = step_fn(state, shard_batch(images, mesh))
+            metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+            metrics["images_per_s"] = config.batch_size / (time.perf_counter() - t0)
+            _check_finite(metrics, step, manager)
+            since_save.append(metrics["loss"])
+            if log is not None:
+                log.write(json.dumps({"step": step, **metrics}) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", mse=f"{metrics['mse']:.3g}")
+            if step % c.every_steps == 0 or step == config.num_steps:
+                saved = {"train_loss": float(np.mean(since_save))}
+                if eval_fn is not None:
+                    saved.update({k: float(v) for k, v in eval_fn(state).items()})
+                ckpt.save_state(manager, state, saved, config.to_dict())
+                since_save = []
+        manager.wait_until_finished()
+        summary = {"step": int(jax.device_get(state.step)), "metrics": metrics,
+                   "latest_checkpoint": manager.latest_step(), "workdir": workdir}
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        manager.close()  # waits for a pending async save
+    return state, summary
+
+
+def load_trained(workdir: str, step: int | None = None
+                 ) -> tuple[VTADL, dict, ml_collections.ConfigDict]:
+    """(model, {"params", "batch_stats"}, config) of a run in ``workdir`` for scoring.
+
+    Reads ``<workdir>/config.json``, rebuilds the model and restores the checkpoint of
+    ``step`` (default: the latest) onto the first local device.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json in {workdir}")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model = build_model(config)
+    tx = make_optimizer(**config.optim)
+    shape = (*model.image_size, model.channels)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(lambda: create_train_state(model, tx, 0, shape)))
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        state = ckpt.restore_state(manager, target, step)
+    finally:
+        manager.close()
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, config
+
