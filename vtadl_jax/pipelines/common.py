@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -37,6 +37,11 @@ def read_method(workdir: str) -> str:
     return read_run(workdir)[0]
 
 
+def _size(data_cfg: ml_collections.ConfigDict) -> int | None:
+    """The preset's size override: `data.image_size` (or its alias `data.size`)."""
+    return data_cfg.get("image_size", None) or data_cfg.get("size", None)
+
+
 def make_source(data_cfg: ml_collections.ConfigDict, split: str):
     """A data source from the `data` section of a config (see experiments/*.py).
 
@@ -49,7 +54,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str):
     kwargs = {}
     if get("scale"):
         kwargs["scale"] = data_cfg.scale
-    preprocessing = data_lib.preset(data_cfg.preset, size=get("image_size"), **kwargs)
+    preprocessing = data_lib.preset(data_cfg.preset, size=_size(data_cfg), **kwargs)
     return data_lib.make_source(
         data_cfg.name, split, root=get("root"), data_dir=get("data_dir"), preset=preprocessing,
         backend=get("backend") or "tfds", max_examples=get("max_examples"))
@@ -59,7 +64,7 @@ def load_image_for_inference(path: str, data_cfg: ml_collections.ConfigDict) -> 
     """One image file preprocessed exactly as the config's test images are."""
     get = lambda key: data_cfg.get(key, None)  # noqa: E731
     kwargs = {"scale": data_cfg.scale} if get("scale") else {}
-    preprocessing = data_lib.preset(data_cfg.preset, size=get("image_size"), **kwargs)
+    preprocessing = data_lib.preset(data_cfg.preset, size=_size(data_cfg), **kwargs)
     return preprocessing.image(data_lib.load_image(path))
 
 
@@ -135,3 +140,36 @@ def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: 
                           ylabel="true positive rate", title=title or "ROC", diagonal=True)
     result["metrics_path"] = metrics_path
     return result
+
+
+def unique_names(paths: Sequence[str]) -> list[str]:
+    """File base names, made unique where they repeat (MVTec's test/good/000.png and
+    test/scratch/000.png): "<parent folder>_<name>", then an index if still needed."""
+    base = [os.path.basename(p) for p in paths]
+    names = [b if base.count(b) == 1 else
+             f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{b}"
+             for p, b in zip(paths, base)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if name in seen or names.count(name) > 1:
+            seen[name] = seen.get(name, -1) + 1
+            stem, ext = os.path.splitext(name)
+            name = f"{stem}_{seen[name]}{ext}"
+        out.append(name)
+    return out
+
+
+def write_predictions(out_dir: str, paths: Sequence[str], images: np.ndarray,
+                      maps: np.ndarray, scores: np.ndarray) -> list[str]:
+    """One overlay PNG per input file and scores.json (keyed by unique file names)."""
+    os.makedirs(out_dir, exist_ok=True)
+    names = unique_names(paths)
+    written = []
+    for name, image, amap in zip(names, images, np.asarray(maps)):
+        stem = os.path.splitext(name)[0]
+        written.append(report.save_overlays(os.path.join(out_dir, f"{stem}_heatmap.png"),
+                                            image[None], amap[None], titles=[stem]))
+    evaluate.write_json_atomic({n: float(s) for n, s in zip(names, np.asarray(scores))},
+                               os.path.join(out_dir, "scores.json"))
+    return written

@@ -172,36 +172,8 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
 
 def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
     """Anomaly maps of image files as overlay PNGs (+ scores.json) in `out_dir`."""
-    from vtadl_jax import report
     _, config = common.read_run(workdir)
     model, backbone = load_model(workdir)
     images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
     maps, scores = make_predict(model, backbone, images.shape[1:3])(images)
-    os.makedirs(out_dir, exist_ok=True)
-    names = _unique_names(paths)
-    written = []
-    for name, image, amap in zip(names, images, maps):
-        stem = os.path.splitext(name)[0]
-        written.append(report.save_overlays(os.path.join(out_dir, f"{stem}_heatmap.png"),
-                                            image[None], amap[None], titles=[stem]))
-    evaluate.write_json_atomic({name: float(s) for name, s in zip(names, scores)},
-                               os.path.join(out_dir, "scores.json"))
-    return written
-
-
-def _unique_names(paths: Sequence[str]) -> list[str]:
-    """File base names, made unique where they repeat (MVTec's test/good/000.png and
-    test/scratch/000.png): "<parent folder>_<name>", then an index if still needed."""
-    base = [os.path.basename(p) for p in paths]
-    names = [b if base.count(b) == 1 else
-             f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{b}"
-             for p, b in zip(paths, base)]
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        if name in seen or names.count(name) > 1:
-            seen[name] = seen.get(name, -1) + 1
-            stem, ext = os.path.splitext(name)
-            name = f"{stem}_{seen[name]}{ext}"
-        out.append(name)
-    return out
+    return common.write_predictions(out_dir, paths, images, maps, scores)

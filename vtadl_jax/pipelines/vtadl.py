@@ -1,0 +1,94 @@
+"""VT-ADL end to end: train from a config, evaluate a work directory, predict files.
+
+Work directory layout:
+    run.json           method + full config (written when training starts)
+    config.json        the training loop's copy of the config
+    checkpoints/       orbax: latest few + best (params, batch_stats, opt_state, rng)
+    metrics.jsonl      loss components per step
+    eval/              metrics.json, overlays.png, roc.png
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from vtadl_jax import evaluate
+from vtadl_jax.methods import vtadl_scoring
+from vtadl_jax.pipelines import common
+from vtadl_jax.train import loop
+
+METHOD = "vtadl"
+
+
+def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
+                      resume: bool = False):
+    """Train on the normal images of `config.data` (split "train")."""
+    if not resume and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
+            "choose another --workdir (nothing was overwritten)")
+    config.resume = bool(resume)
+    source = common.make_source(config.data, "train")
+    common.write_run(workdir, METHOD, config)
+    start = time.perf_counter()
+    state, summary = loop.train(config, workdir, source)
+    summary["train_seconds"] = time.perf_counter() - start
+    evaluate.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
+    print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")
+    return state, summary
+
+
+def scoring_options(config: ml_collections.ConfigDict) -> dict:
+    """`vtadl_scoring.ScoringConfig` fields from a training config (`config.scoring`)."""
+    lo, hi = loop.RANGES[config.get("input_range", "[-1,1]")]
+    options = {"score_form": config.get("score_form", "default"), "ssim_max_val": hi - lo,
+               "k_chunk": config.loss.get("k_chunk", None)}
+    options.update(dict(config.get("scoring", {}) or {}))
+    return options
+
+
+def make_predict(workdir: str, config: ml_collections.ConfigDict, batch_size: int = 32):
+    """images from the data source -> (maps (B, H, W), scores (B,))."""
+    model, variables, _ = loop.load_trained(workdir)
+    options = scoring_options(config)
+    source_range = config.data.get("source_range", "[-1,1]")
+    input_range = config.get("input_range", "[-1,1]")
+
+    def predict(images: np.ndarray):
+        x = loop.rescale_images(np.asarray(images, np.float32), source_range, input_range)
+        out = vtadl_scoring.predict(model, variables, x, batch_size=batch_size, **options)
+        return out["anomaly_map"], out["image_score"]
+
+    return predict
+
+
+def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
+                     overrides: Sequence[str] = ()) -> dict:
+    """Score the test split of the training config's dataset; write the report."""
+    from vtadl_jax.configs import apply_overrides
+
+    _, config = common.read_run(workdir)
+    apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
+    source = common.make_source(config.data, "test")
+    batch_size = max(1, int(config.get("eval_batch_size", 32)))
+    predict = make_predict(workdir, config, batch_size)
+    start = time.perf_counter()
+    outputs = common.collect_outputs(predict, source, batch_size, desc="evaluate")
+    seconds = time.perf_counter() - start
+    return common.write_report(workdir, outputs, num_overlays=num_overlays,
+                               extra={"eval_seconds": seconds, "method": METHOD,
+                                      "score_form": scoring_options(config)["score_form"]},
+                               title=f"VT-ADL ({config.model.variant})")
+
+
+def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
+    """Anomaly-map overlays (+ scores.json) of image files."""
+    _, config = common.read_run(workdir)
+    images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
+    maps, scores = make_predict(workdir, config)(images)
+    return common.write_predictions(out_dir, paths, images, maps, scores)
