@@ -28,3 +28,15 @@ def test_full_build_digit_5(tmp_path) -> None:
     assert np.asarray(train[0]["image"]).shape == (28, 28, 1)
     assert "tensorflow" not in sys.modules
     print(f"MnistOneClass('5') full build: {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_make_source_full_digit_through_tfds(tmp_path) -> None:
+    """Regression: the pipeline must name the registered config (TFDS refuses a re-created
+    config with a registered name), so a full digit builds through make_source."""
+    from vtadl_jax.data import make_source
+
+    train = make_source("mnist_one_class/5", "train", data_dir=tmp_path, preset="mnist")
+    test = make_source("mnist_one_class/5", "test", data_dir=tmp_path, preset="mnist")
+    assert len(train) == 5421 and len(test) == 10000
+    assert train[0]["image"].shape == (28, 28, 1)

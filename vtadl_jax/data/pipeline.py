@@ -54,7 +54,10 @@ def _tfds_reader(family: str, config: str | None, split: str, *, root: str | Pat
                  require_masks: bool, max_examples: int | None) -> TfdsReader:
     kwargs: dict[str, Any] = {"data_dir": None if data_dir is None else str(data_dir)}
     if family == "mnist_one_class":
-        cfg = mnist_config(int(config), max_examples=max_examples)
+        # A predefined config must be named, not re-created (TFDS refuses a custom
+        # config that shares a registered name).
+        cfg = (str(int(config)) if max_examples is None
+               else mnist_config(int(config), max_examples=max_examples))
         builder = MnistOneClass(config=cfg, mnist_dir=root, **kwargs)
         download_config = None
     else:
