@@ -14,8 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model.variant = "tiny"
     c.data.name = "folder"
-    c.data.preset = "vtadl_btad"  # resize to data.size, [-1, 1]
-    c.data.size = 32
+    c.data.preset = "vtadl_btad"  # resize to data.image_size, [-1, 1]
+    c.data.image_size = 32
     c.batch_size = 8
     c.num_steps = 40
     c.optim.learning_rate = 1e-3

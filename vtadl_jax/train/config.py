@@ -5,8 +5,10 @@ Fields:
   model.variant: "paper" | "mnist" | "tiny"; model.overrides: VTADL fields to change
     (e.g. projection="routing", attn_scale="model", num_components=10,
     mdn_head="vtadl_code", noise_std=0.0, image_size=32).
-  data.name / data.split / data.root / data.preset: passed to vtadl_jax.data.make_source
-    by runners; data.source_range: "[-1,1]" | "[0,1]", what the Source yields.
+  data.name / data.split / data.root / data.preset / data.image_size / data.scale /
+    data.backend ("tfds" | "direct") / data.data_dir / data.max_examples: passed to
+    vtadl_jax.data.make_source by the pipelines (vtadl_jax/pipelines/common.py);
+    data.source_range: "[-1,1]" | "[0,1]", what the Source yields.
   input_range: "[-1,1]" (default, matches the tanh decoder) | "[0,1]" (the code).
   batch_size: global batch (divisible by the device count); num_steps: optimiser steps.
   optim.learning_rate 1e-4, optim.weight_decay 1e-4 (coupled, torch Adam).
@@ -30,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"variant": "paper", "overrides": {}})
     c.data = ml_collections.ConfigDict({"name": "mvtec_ad/hazelnut", "split": "train",
                                         "root": None, "preset": "vtadl_mvtec",
-                                        "source_range": "[-1,1]"})
+                                        "image_size": None, "scale": None,
+                                        "backend": "tfds", "data_dir": None,
+                                        "max_examples": None, "source_range": "[-1,1]"})
     c.input_range = "[-1,1]"
     c.batch_size = 8
     c.num_steps = 400 * 50  # ~400 epochs of a ~400-image MVTec category at batch 8
