@@ -27,19 +27,10 @@ import jax.numpy as jnp
 
 from vtadl_jax.models.decoder import SmallDecoder, VTADLCodeDecoder
 from vtadl_jax.models.mdn import MixtureDensityHead
+from vtadl_jax.kernels.capsule import squash
 from vtadl_jax.models.vit import PatchViT
 
 SQUASH_EPS = 1e-8
-
-
-def squash(s: jax.Array, eps: float = SQUASH_EPS) -> jax.Array:
-    """Capsule squash over the last axis: |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)."""
-    try:  # prefer the shared kernel when it exists
-        from vtadl_jax.kernels.capsule import squash as kernel_squash
-    except ImportError:
-        n2 = jnp.sum(s * s, axis=-1, keepdims=True)
-        return n2 / (1.0 + n2) * s / jnp.sqrt(n2 + eps)
-    return kernel_squash(s, axis=-1, eps=eps)
 
 
 class CapsuleProjection(nn.Module):
@@ -59,7 +50,7 @@ class CapsuleProjection(nn.Module):
         w = self.param("W", nn.initializers.normal(0.01),
                        (u.shape[1], self.out_dim, self.in_dim_caps))
         s = jnp.einsum("bij,ioj->bo", u, w.astype(u.dtype))
-        return squash(s)
+        return squash(s, axis=-1, eps=SQUASH_EPS)
 
 
 class VTADL(nn.Module):
