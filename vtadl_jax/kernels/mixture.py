@@ -87,17 +87,31 @@ def _full_log_terms(z: Array, log_w: Array, means: Array, chol: Array) -> Array:
     return log_w - 0.5 * jnp.sum(y * y, axis=-1) - logdet - 0.5 * z.shape[-1] * _LOG_2PI
 
 
-def _chunked_logsumexp(chunk_terms: Callable[[Array, int], Array], k: int, k_chunk: int,
-                       batch: tuple, dtype) -> Array:
+def _varying_like(x: Array, like) -> Array:
+    """``x`` typed as device-varying over the manual mesh axes ``like`` varies over.
+
+    Inside ``shard_map`` a constant is device-invariant; a ``scan`` carry initialised
+    with constants must be cast to the (varying) type its body returns. Outside
+    ``shard_map`` (no manual axes) this returns ``x`` unchanged.
+    """
+    manual = getattr(like, "manual_axis_type", None)
+    axes = tuple(sorted(getattr(manual, "varying", ()) or ()))
+    return lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _chunked_logsumexp(chunk_terms: Callable[[Array, int], Array], k: int, k_chunk: int) -> Array:
     """logsumexp over K of ``chunk_terms(start, k_chunk) -> (*batch, k_chunk)``.
 
     Chunk i starts at min(i * k_chunk, K - k_chunk); components below i * k_chunk were
     counted by the previous chunk and are masked to -inf. The carry is the running
     (max, sum of exp(t - max)); the max is held out of the gradient (the result does not
-    depend on it mathematically), so d lse / d t = exp(t - lse) exactly.
+    depend on it mathematically), so d lse / d t = exp(t - lse) exactly. The carry's
+    initial constants take the manual-axis type of the chunk terms (``_varying_like``),
+    so the scan also traces inside ``shard_map``.
     """
     num_chunks = -(-k // k_chunk)
     offsets = jnp.arange(k_chunk)
+    out = jax.eval_shape(lambda: chunk_terms(0, k_chunk))  # shape, dtype, manual-axis type
 
     def body(carry, i):
         m, s = carry
@@ -109,7 +123,9 @@ def _chunked_logsumexp(chunk_terms: Callable[[Array, int], Array], k: int, k_chu
         s = s * jnp.exp(m - m_ref) + jnp.sum(jnp.exp(t - m_ref[..., None]), axis=-1)
         return (m_new, s), None
 
-    init = (jnp.full(batch, -jnp.inf, dtype), jnp.zeros(batch, dtype))
+    batch = out.shape[:-1]
+    init = (_varying_like(jnp.full(batch, -jnp.inf, out.dtype), out),
+            _varying_like(jnp.zeros(batch, out.dtype), out))
     (m, s), _ = lax.scan(jax.checkpoint(body), init, jnp.arange(num_chunks))
     return m + jnp.log(s)
 
@@ -137,7 +153,7 @@ def mixture_nll(z: Array, logits: Array, means: Array, scales: Array, *,
     _check_k_chunk(k_chunk)
     if scales.shape != means.shape:
         raise ValueError(f"scales must have the shape of means {means.shape}, got {scales.shape}")
-    k, _, batch = _check_mixture_args(z, logits, means)
+    k, _, _ = _check_mixture_args(z, logits, means)
     _check_positive("scales", scales)
     log_w = jax.nn.log_softmax(logits, axis=-1)
     if k_chunk is None or k_chunk >= k:
@@ -147,8 +163,7 @@ def mixture_nll(z: Array, logits: Array, means: Array, scales: Array, *,
         return _diag_log_terms(z, _slice_k(log_w, start, size, -1),
                                _slice_k(means, start, size, -2), _slice_k(scales, start, size, -2))
 
-    dtype = jnp.result_type(z, logits, means, scales)
-    return -_chunked_logsumexp(terms, k, k_chunk, batch, dtype)
+    return -_chunked_logsumexp(terms, k, k_chunk)
 
 
 def mixture_nll_from_head(z: Array, h: Array, w_logits: Array, w_means: Array,
@@ -212,8 +227,7 @@ def mixture_nll_from_head(z: Array, h: Array, w_logits: Array, w_means: Array,
     def terms(start, size):
         return _diag_log_terms(z, _slice_k(log_w, start, size, -1), *params(start, size))
 
-    dtype = jnp.result_type(z, h, w_means, w_scales)
-    return -_chunked_logsumexp(terms, k, k_chunk, batch, dtype)
+    return -_chunked_logsumexp(terms, k, k_chunk)
 
 
 def mixture_nll_full_cov(z: Array, logits: Array, means: Array, chol: Array, *,
@@ -245,8 +259,7 @@ def mixture_nll_full_cov(z: Array, logits: Array, means: Array, chol: Array, *,
         return _full_log_terms(z, _slice_k(log_w, start, size, -1),
                                _slice_k(means, start, size, -2), _slice_k(chol, start, size, -3))
 
-    dtype = jnp.result_type(z, logits, means, chol)
-    return -_chunked_logsumexp(terms, k, k_chunk, batch, dtype)
+    return -_chunked_logsumexp(terms, k, k_chunk)
 
 
 def vtadl_code_mdn_loss(z: Array, logits: Array, means: Array, softplus_out: Array, *,
