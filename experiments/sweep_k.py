@@ -353,10 +353,8 @@ def main(argv=None) -> dict:
                                    "memory are compiled but not run.",
                                    f"step: {args.step_impl} ("
                                    + ("train.step.train_step(axis_name=None) under jax.jit, "
-                                      "one device, donated state; the training loop's "
-                                      "shard_map step (make_train_step) currently fails with "
-                                      "loss.k_chunk set (scan-carry type mismatch in "
-                                      "kernels/mixture._chunked_logsumexp under shard_map)"
+                                      "one device, donated state (--step-impl shard_map "
+                                      "times the training loop's make_train_step instead)"
                                       if args.step_impl == "jit" else
                                       "train.step.make_train_step, the loop's step") + ").",
                                    f"machine: {machine}"])
