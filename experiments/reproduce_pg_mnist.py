@@ -19,6 +19,7 @@ from vtadl_jax.configs import apply_overrides, load_config  # noqa: E402
 from vtadl_jax.pipelines import patch_gaussian as pipeline  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patch_gaussian_mnist.py")
+VTADL_MEAN_AUROC = 0.984  # VT-ADL Table II (METHODS.md part A), for orientation only
 
 
 def run_digit(out: str, digit: int, overrides: list[str]) -> dict:
@@ -53,11 +54,17 @@ def main(argv=None) -> None:
                                        "test_images", "fit_seconds", "eval_seconds")})
     cols = ["digit", "image_auroc", "image_ap", "train_images", "test_images", "fit_seconds",
             "eval_seconds"]
+    runner.save_bars(os.path.join(args.out, "auroc_per_digit.png"),
+                     [str(r["digit"]) for r in rows], [float(r["image_auroc"]) for r in rows],
+                     reference=VTADL_MEAN_AUROC, reference_label="VT-ADL paper mean 0.984",
+                     ylabel="image AUROC",
+                     title="Patch Gaussians (EfficientNet-Lite0), MNIST one-class")
     rows.append(runner.mean_row(rows, "digit", "mean", cols[1:]))
     runner.write_report(args.out, "table", rows, cols,
                         title="Patch Gaussians (EfficientNet-Lite0, blocks 3+5), MNIST one-class",
                         notes=[f"machine: {runner.machine()}",
-                               "VT-ADL Table II mean image AUROC for orientation: 0.984"])
+                               "VT-ADL Table II mean image AUROC for orientation: "
+                               f"{VTADL_MEAN_AUROC}", "plot: auroc_per_digit.png"])
 
 
 if __name__ == "__main__":

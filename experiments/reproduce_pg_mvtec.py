@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import runner  # noqa: E402
+from experiments.reproduce_pg_mnist import model_fit_seconds  # noqa: E402
 from vtadl_jax.configs import apply_overrides, load_config  # noqa: E402
 from vtadl_jax.data import MVTEC_CATEGORIES, make_synthetic_mvtec  # noqa: E402
 from vtadl_jax.pipelines import patch_gaussian as pipeline  # noqa: E402
@@ -55,6 +56,7 @@ def run_category(out: str, category: str, overrides: list[str]) -> dict:
     pipeline.fit_from_config(config, workdir)
     result = pipeline.evaluate_workdir(workdir, num_overlays=6)
     return {"category": category, "backbone": config.backbone.name,
+            "fit_seconds": model_fit_seconds(workdir),
             **{k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap",
                                           "num_images", "eval_seconds")}}
 
@@ -71,11 +73,21 @@ def main(argv=None) -> None:
                           fresh=args.fresh)
         rows.append(r)
     cols = ["category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "num_images",
-            "eval_seconds"]
+            "fit_seconds", "eval_seconds"]
+    data = "MVTec AD" if os.environ.get("MVTEC_AD_ROOT") else "generated MVTec-layout set"
+    for key, paper_key in (("image_auroc", "Table 2"), ("pixel_auroc", "Table 3")):
+        runner.save_bars(os.path.join(args.out, f"{key}_per_category.png"),
+                         [r["category"] for r in rows], [float(r[key]) for r in rows],
+                         reference=PAPER_MEAN[key],
+                         reference_label=f"paper mean {PAPER_MEAN[key]} ({paper_key})",
+                         ylabel=key.replace("_", " "),
+                         title=f"Patch Gaussians ({rows[0]['backbone'] if rows else '-'}), {data}")
     rows.append(runner.mean_row(rows, "category", "mean (measured)", cols[1:4]))
     rows.append({"category": "mean (paper, ConTNet-B)", **PAPER_MEAN})
     notes.append(f"machine: {runner.machine()}")
-    notes.append("heatmaps: work/<category>/eval/overlays.png; ROC: work/<category>/eval/roc.png")
+    notes.append("plots: image_auroc_per_category.png, pixel_auroc_per_category.png; heatmaps: "
+                 "work/<category>/eval/overlays.png; ROC: work/<category>/eval/roc.png "
+                 "(work/ is not committed)")
     runner.write_report(args.out, "table", rows, cols,
                         title="Patch Gaussians, MVTec AD (Dini & Rahtu Tables 2 and 3)",
                         notes=notes)

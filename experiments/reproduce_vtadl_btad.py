@@ -24,8 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import runner  # noqa: E402
-from experiments.reproduce_vtadl_mnist import (make_config, save_bars,  # noqa: E402
-                                               train_and_evaluate)
+from experiments.reproduce_vtadl_mnist import make_config, train_and_evaluate  # noqa: E402
 from vtadl_jax.data.synthetic_btad import make_synthetic_btad  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,10 +94,10 @@ def main(argv=None) -> None:
     paper_mean = {k: sum(PAPER[p][k] for p in PRODUCTS) / len(PRODUCTS)
                   for k in ("paper_pro", "paper_pr_auc")}
     rows.append({"product": "mean (paper, Table IV)", **paper_mean})
-    save_bars(os.path.join(args.out, "pixel_ap_per_product.png"),
-              [r["product"] for r in runs], [float(r["pixel_ap"]) for r in runs],
-              reference=None, reference_label="", ylabel="pixel PR-AUC (AP)",
-              title="VT-ADL " + ("BTAD" if real else "generated BTAD-layout set"))
+    runner.save_bars(os.path.join(args.out, "pixel_ap_per_product.png"),
+                     [r["product"] for r in runs], [float(r["pixel_ap"]) for r in runs],
+                     reference=None, reference_label="", ylabel="pixel PR-AUC (AP)",
+                     title="VT-ADL " + ("BTAD" if real else "generated BTAD-layout set"))
     cfg = runs[0]["config"] if runs else {}
     notes += [
         "paper_pro / paper_pr_auc: Table IV (METHODS.md part A). The paper's 'PRO' comes "

@@ -82,33 +82,6 @@ def run_digit(out: str, digit: int, overrides: list[str], fresh: bool) -> dict:
                                           "eval_seconds", "resumed", "score_form", "config")}}
 
 
-def save_bars(path: str, labels: list[str], values: list[float], *, reference: float | None,
-              reference_label: str, ylabel: str, title: str) -> str:
-    """A small bar chart (one bar per unit) with an optional horizontal reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.5 * len(labels) + 1.5), 3.2))
-    bars = ax.bar(labels, values, color="tab:blue")
-    for b, v in zip(bars, values):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom",
-                fontsize=7)
-    if reference is not None:
-        ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1, label=reference_label)
-        ax.legend(fontsize=7, loc="lower right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 def main(argv=None) -> None:
     args = runner.parse_args(__doc__.split("\n")[0], lambda p: (
         p.add_argument("--digits", type=int, nargs="+", default=list(range(10))),
@@ -125,10 +98,10 @@ def main(argv=None) -> None:
                            ["image_auroc", "image_ap", "train_seconds", "eval_seconds"])
     rows.append(mean)
     rows.append({"digit": "mean (paper, Table II)", "paper_auroc": PAPER_MEAN_AUROC})
-    save_bars(os.path.join(args.out, "auroc_per_digit.png"), [str(r["digit"]) for r in runs],
-              [float(r["image_auroc"]) for r in runs], reference=PAPER_MEAN_AUROC,
-              reference_label="paper mean 0.984", ylabel="image AUROC",
-              title="VT-ADL, MNIST one-class (reconstruction score)")
+    runner.save_bars(os.path.join(args.out, "auroc_per_digit.png"),
+                     [str(r["digit"]) for r in runs], [float(r["image_auroc"]) for r in runs],
+                     reference=PAPER_MEAN_AUROC, reference_label="paper mean 0.984",
+                     ylabel="image AUROC", title="VT-ADL, MNIST one-class (reconstruction score)")
     cfg = runs[0]["config"] if runs else {}
     notes = [
         "paper_auroc: METHODS.md gives only the paper's mean over the ten digits (0.984); "

@@ -23,8 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import runner  # noqa: E402
-from experiments.reproduce_vtadl_mnist import (make_config, save_bars,  # noqa: E402
-                                               train_and_evaluate)
+from experiments.reproduce_vtadl_mnist import make_config, train_and_evaluate  # noqa: E402
 from vtadl_jax.data import MVTEC_CATEGORIES, make_synthetic_mvtec  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,11 +84,11 @@ def main(argv=None) -> None:
     rows.append(runner.mean_row(rows, "category", "mean (measured)",
                                 ["aupro", "pixel_auroc", "image_auroc", "pixel_ap"]))
     rows.append({"category": "mean (paper, Table III)", "paper_pro_pixel_auroc": PAPER_MEAN_PRO})
-    save_bars(os.path.join(args.out, "pixel_auroc_per_category.png"),
-              [r["category"] for r in runs], [float(r["pixel_auroc"]) for r in runs],
-              reference=PAPER_MEAN_PRO, reference_label="paper mean 'PRO' 0.807",
-              ylabel="pixel AUROC",
-              title="VT-ADL " + ("MVTec AD" if real else "generated MVTec-layout set"))
+    runner.save_bars(os.path.join(args.out, "pixel_auroc_per_category.png"),
+                     [r["category"] for r in runs], [float(r["pixel_auroc"]) for r in runs],
+                     reference=PAPER_MEAN_PRO, reference_label="paper mean 'PRO' 0.807",
+                     ylabel="pixel AUROC",
+                     title="VT-ADL " + ("MVTec AD" if real else "generated MVTec-layout set"))
     cfg = runs[0]["config"] if runs else {}
     notes += [
         "paper_pro_pixel_auroc: the paper's Table III 'PRO', which the authors' code computes "

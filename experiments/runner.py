@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -50,12 +51,27 @@ def cached(out_dir: str, key: str, fn: Callable[[], dict[str, Any]], *,
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
                argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a runner's command line.
+
+    When ``extra`` adds a positional ``overrides`` (config ``key=value`` pairs), every
+    ``key=value`` token is taken as an override wherever it stands, so that
+    ``--digits 7 8 num_steps=600`` works: argparse alone would hand ``num_steps=600``
+    to ``--digits`` (nargs="+") and fail.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="output folder (tables, plots, cached runs)")
     parser.add_argument("--fresh", action="store_true", help="recompute cached runs")
     if extra:
         extra(parser)
-    return parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    takes_overrides = any(a.dest == "overrides" and not a.option_strings
+                          for a in parser._actions)
+    if not takes_overrides:
+        return parser.parse_args(argv)
+    is_override = [("=" in a and not a.startswith("-")) for a in argv]
+    args = parser.parse_args([a for a, o in zip(argv, is_override) if not o])
+    args.overrides = list(args.overrides) + [a for a, o in zip(argv, is_override) if o]
+    return args
 
 
 def write_report(out_dir: str, stem: str, rows: list[dict[str, Any]], columns: Sequence[str],
@@ -85,3 +101,30 @@ def missing_dataset_note(name: str, env_var: str, layout: str) -> str:
     return (f"{name} was not found (set {env_var}=/path/to/{layout} to run on it; it cannot "
             "be downloaded on the project machines). This run used the generated "
             "MVTec-layout set instead, to prove the machinery end to end.")
+
+
+def save_bars(path: str, labels: list[str], values: list[float], *, reference: float | None,
+              reference_label: str, ylabel: str, title: str) -> str:
+    """A small bar chart (one bar per unit) with an optional horizontal reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.5 * len(labels) + 1.5), 3.2))
+    bars = ax.bar(labels, values, color="tab:blue")
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom",
+                fontsize=7)
+    if reference is not None:
+        ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1, label=reference_label)
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -8,6 +8,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Persistent XLA compilation cache shared by the xdist workers (and the subprocesses the
+# benchmark/runner tests start): many tests compile the same train step or backbone, and
+# on 2 CPU cores compilation is most of the suite's time. Keyed by the program and the
+# JAX version, so it never changes a result; delete the folder to start cold.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -8,7 +8,9 @@ prints them as tables. About 2-3 minutes on a 2-core CPU.
    7 x 7 = 49 positions, C = 1536 channels (ConTNet-B stages 3 + 4: 512 + 1024), fed in
    batches of 32 from a generator, for 50, 200 and 800 training images. Every
    configuration runs in a fresh subprocess and reports its own peak resident memory
-   (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so the measurements do not contaminate
+   (``VmHWM`` of /proc/self/status: the high-water mark of the process's own address
+   space, which starts anew at exec; ``ru_maxrss`` would not do, since Linux carries it
+   over from the parent through fork and exec), so the measurements do not contaminate
    each other; "over_baseline" subtracts the peak of a child that only imports JAX and
    NumPy and generates the same features without fitting. Both fits produce the same
    outputs: the per-position mean (P, C) and covariance + 0.01 I (P, C, C) in float32.
@@ -59,9 +61,16 @@ def _feature_batches(n: int, channels: int):
         yield rng.standard_normal((min(BATCH, n - start), *GRID, channels), dtype=np.float32)
 
 
-def _child(method: str, n: int, channels: int) -> dict[str, Any]:
-    import resource
+def _peak_rss_kib() -> float:
+    """This process's peak resident set (KiB) since its exec: VmHWM from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
+
+def _child(method: str, n: int, channels: int) -> dict[str, Any]:
     import numpy as np
 
     start = time.perf_counter()
@@ -94,7 +103,7 @@ def _child(method: str, n: int, channels: int) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown method {method!r}")
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mib = _peak_rss_kib() / 1024
     return dict(method=method, num_images=n, channels=channels, peak_mib=peak_mib,
                 seconds=seconds)
 
