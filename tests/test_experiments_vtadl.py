@@ -7,7 +7,6 @@ the cached runs/*.json without retraining (the training function is replaced by 
 that fails, and the cached files keep their mtimes).
 """
 import csv
-import glob
 import os
 import sys
 
@@ -21,6 +20,7 @@ from experiments import (reproduce_vtadl_btad, reproduce_vtadl_mnist,  # noqa: E
 from vtadl_jax.data import make_synthetic_mvtec  # noqa: E402
 from vtadl_jax.data.synthetic_btad import make_synthetic_btad  # noqa: E402
 from vtadl_jax.pipelines import vtadl as pipeline  # noqa: E402
+from runner_checks import assert_served_from_cache  # noqa: E402
 
 TINY = ["num_steps=3", "progress=False", "data.backend=direct", "checkpoint.async_save=False"]
 
@@ -44,17 +44,8 @@ def _check_table(out, label_key, labels, metric_keys, png):
 
 
 def _served_from_cache(monkeypatch, main, argv, out):
-    """Call main again with training disabled; the cached JSONs must not change."""
-    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "runs", "*.json"))}
-    assert stamps
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("retrained although the run is cached")
-
-    monkeypatch.setattr(pipeline, "train_from_config", no_training)
-    monkeypatch.setattr(pipeline, "evaluate_workdir", no_training)
-    main(argv)
-    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+    assert_served_from_cache(monkeypatch, main, argv, out, pipeline,
+                             ("train_from_config", "evaluate_workdir"))
 
 
 def test_mnist_runner(tmp_path, monkeypatch):

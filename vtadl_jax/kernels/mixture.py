@@ -207,7 +207,7 @@ def mixture_nll_from_head(z: Array, h: Array, w_logits: Array, w_means: Array,
             raise ValueError(f"{name} must have shape {shape} or be None, got {b.shape}")
     if min_scale < 0:
         raise ValueError(f"min_scale must be >= 0, got {min_scale}")
-    batch = _batch_shape(z=z.shape[:-1], h=h.shape[:-1])
+    _batch_shape(z=z.shape[:-1], h=h.shape[:-1])  # leading shapes must broadcast
 
     logits = h @ w_logits + (0.0 if b_logits is None else b_logits)
     log_w = jax.nn.log_softmax(logits, axis=-1)
@@ -248,7 +248,7 @@ def mixture_nll_full_cov(z: Array, logits: Array, means: Array, chol: Array, *,
     k, d, batch = _check_mixture_args(z, logits, means)
     if chol.ndim < 3 or chol.shape[-3:] != (k, d, d):
         raise ValueError(f"chol must have shape (..., K={k}, D={d}, D={d}), got {chol.shape}")
-    batch = _batch_shape(batch=batch, chol=chol.shape[:-3])
+    _batch_shape(batch=batch, chol=chol.shape[:-3])  # leading shapes must broadcast
     if _is_concrete(chol) and bool(jnp.any(jnp.diagonal(jnp.asarray(chol), 0, -2, -1) == 0)):
         raise ValueError("chol must have a non-zero diagonal (positive for a Cholesky factor)")
     log_w = jax.nn.log_softmax(logits, axis=-1)
