@@ -98,17 +98,12 @@ def main(argv=None) -> None:
                      [r["product"] for r in runs], [float(r["pixel_ap"]) for r in runs],
                      reference=None, reference_label="", ylabel="pixel PR-AUC (AP)",
                      title="VT-ADL " + ("BTAD" if real else "generated BTAD-layout set"))
-    cfg = runs[0]["config"] if runs else {}
     notes += [
         "paper_pro / paper_pr_auc: Table IV (METHODS.md part A). The paper's 'PRO' comes "
         "from the authors' code, which computes pixel AUROC under that name (stated in "
         "METHODS.md for Table III); compare with pixel_auroc; aupro is the MVTec AUPRO "
         "(FPR <= 0.3). PR-AUC = pixel average precision (pixel_ap).",
-        f"config: variant {cfg.get('model', {}).get('variant')}, batch {cfg.get('batch_size')}, "
-        f"lr {cfg.get('optim', {}).get('learning_rate')}, score_form "
-        f"{runs[0].get('score_form') if runs else '-'}; overrides: "
-        f"{' '.join(args.overrides) or '(none)'}. steps: training steps run; "
-        "final_loss: training loss at the last step.",
+        runner.vtadl_config_note(runs, args.overrides),
         "plots: pixel_ap_per_product.png; heatmaps work/<product>/eval/overlays.png "
         "(work/ is not committed).",
         f"machine: {runs[0]['machine'] if runs else runner.machine()}",

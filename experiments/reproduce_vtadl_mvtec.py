@@ -89,17 +89,12 @@ def main(argv=None) -> None:
                      reference=PAPER_MEAN_PRO, reference_label="paper mean 'PRO' 0.807",
                      ylabel="pixel AUROC",
                      title="VT-ADL " + ("MVTec AD" if real else "generated MVTec-layout set"))
-    cfg = runs[0]["config"] if runs else {}
     notes += [
         "paper_pro_pixel_auroc: the paper's Table III 'PRO', which the authors' code computes "
         "as pixel AUROC (METHODS.md part A); compare it with pixel_auroc. aupro is the "
         "MVTec AUPRO (FPR <= 0.3). METHODS.md gives only the paper's mean (0.807); "
         "per-category paper values are shown as '-'.",
-        f"config: variant {cfg.get('model', {}).get('variant')}, batch {cfg.get('batch_size')}, "
-        f"lr {cfg.get('optim', {}).get('learning_rate')}, score_form "
-        f"{runs[0].get('score_form') if runs else '-'}; overrides: "
-        f"{' '.join(args.overrides) or '(none)'}. steps: training steps run; "
-        "final_loss: training loss at the last step.",
+        runner.vtadl_config_note(runs, args.overrides),
         "plots: pixel_auroc_per_category.png; heatmaps work/<category>/eval/overlays.png, "
         "ROC work/<category>/eval/roc.png (work/ is not committed).",
         f"machine: {runs[0]['machine'] if runs else runner.machine()}",

@@ -128,3 +128,33 @@ def save_bars(path: str, labels: list[str], values: list[float], *, reference: f
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def vtadl_config_note(runs: list[dict[str, Any]], overrides: Sequence[str]) -> str:
+    """The table note that says which VT-ADL config produced the runs."""
+    cfg = runs[0]["config"] if runs else {}
+    return (f"config: variant {cfg.get('model', {}).get('variant')}, batch "
+            f"{cfg.get('batch_size')}, lr {cfg.get('optim', {}).get('learning_rate')}, "
+            f"score_form {runs[0].get('score_form') if runs else '-'}; overrides: "
+            f"{' '.join(overrides) or '(none)'}. steps: training steps run; "
+            "final_loss: training loss at the last step.")
+
+
+def save_loglog(fig, axes, path: str, *, xlabel: str, ylabels: Sequence[str], title: str,
+                legend_fontsize: float = 7) -> str:
+    """Finish a row of cost-vs-size panels: log2 x, log y, grid, legend; save as PNG."""
+    import matplotlib.pyplot as plt
+
+    for ax, ylabel in zip(axes, ylabels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=legend_fontsize)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

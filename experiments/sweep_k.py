@@ -241,19 +241,10 @@ def plot_cost(rows: list[dict], path: str) -> None:
     if bnkd:
         axes[1].plot([r["k"] for r in bnkd], [r["bnkd_mib"] for r in bnkd], "k--", lw=0.8,
                      label="one (B,N,K,D) f32 tensor")
-    axes[0].set_ylabel("train step (ms, median)")
-    axes[1].set_ylabel("compiled memory (MiB)")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("K (Gaussians)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("VT-ADL density head vs K (64x64 synthetic model, D=64, N=64, batch 8)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    runner.save_loglog(fig, axes, path, xlabel="K (Gaussians)",
+                       ylabels=("train step (ms, median)", "compiled memory (MiB)"),
+                       title="VT-ADL density head vs K (64x64 synthetic model, D=64, N=64, "
+                             "batch 8)")
 
 
 def plot_quality(rows: list[dict], mnist_rows: list[dict], path: str) -> None:

@@ -124,18 +124,10 @@ def plot(rows: list[dict], path: str) -> None:
                      label=f"{grid} peak stage (compiled)")
         axes[1].plot(cs, [r["stats_mib"] for r in sel], "k:", lw=0.7)
     axes[1].plot([], [], "k:", lw=0.7, label="one (P, C, C) f32 array")
-    axes[0].set_ylabel("seconds")
-    axes[1].set_ylabel("compiled memory (MiB)")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("feature dimension C")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5)
-    fig.suptitle("Patch Gaussians: cost vs C and grid (random features)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    runner.save_loglog(fig, axes, path, xlabel="feature dimension C",
+                       ylabels=("seconds", "compiled memory (MiB)"),
+                       title="Patch Gaussians: cost vs C and grid (random features)",
+                       legend_fontsize=6.5)
 
 
 def _grid(text: str) -> tuple[int, int]:
