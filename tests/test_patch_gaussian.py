@@ -192,6 +192,26 @@ def test_fit_eps_is_applied(x64):
     np.testing.assert_allclose(chol @ np.swapaxes(chol, 1, 2), cov_ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shard", [False, True])
+def test_finalize_donating_stats_matches_numpy(x64, shard):
+    # What `vtadl-jax fit` runs: the statistics' buffers are reused for the model.
+    if shard and len(jax.devices()) != 8:
+        pytest.skip("needs the 8 host CPU devices of tests/conftest.py")
+    feats = _random_features(30, 4, 4, 6, seed=4)
+    stats, grid = pg.fit_statistics(_batches(feats, (10, 20)), shard_positions=shard,
+                                    dtype=jnp.float64)
+    model = pg.finalize_model(stats, grid, _spec(eps=0.05), donate_stats=True)
+    mean_ref, cov_ref = np_position_gaussians(feats, 0.05)
+    assert model.num_images == 30
+    np.testing.assert_allclose(np.asarray(model.mean), mean_ref, rtol=1e-12, atol=1e-12)
+    chol = np.asarray(model.chol)
+    np.testing.assert_allclose(chol @ np.swapaxes(chol, 1, 2), cov_ref, rtol=1e-10, atol=1e-12)
+    eye = np.broadcast_to(np.eye(6), cov_ref.shape)
+    np.testing.assert_allclose(np.asarray(model.whiten) @ chol, eye, atol=1e-10)
+    if jax.default_backend() == "cpu":  # CPU implements donation: the moments were reused
+        assert stats.m2.is_deleted()
+
+
 def test_fit_float32_default_dtype():
     # Large common offset: a naive sum-of-squares fit would lose every digit in float32.
     feats = _random_features(64, 2, 2, 4, seed=2, offset=100.0)

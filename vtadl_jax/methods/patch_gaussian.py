@@ -223,21 +223,48 @@ def fit_statistics(feature_batches: Iterable[jax.Array], *, shard_positions: boo
 _finalize = jax.jit(gaussian.finalize, static_argnames=("eps",))
 
 
-def finalize_model(stats: gaussian.PatchStats, grid: tuple[int, int],
-                   spec: PatchGaussianSpec) -> PatchGaussianModel:
-    """Mean, regularised covariance, its Cholesky factor and whitening matrix."""
-    if float(stats.count) < 2:
-        raise ValueError(f"fit: a covariance needs at least 2 training images, got "
-                         f"{int(stats.count)}")
-    # Jitted: eagerly, finalize's elementwise steps each materialise a (P, C, C) array.
-    mean, cov = _finalize(stats, eps=float(spec.eps))
+def _finalize_parts(count, mean, m2, *, eps):
+    return gaussian.finalize(gaussian.PatchStats(count=count, mean=mean, m2=m2), eps=eps)
+
+
+def _factor(cov):
     chol = gaussian.cholesky_factor(cov)
+    return chol, gaussian.whitening_matrix(chol)
+
+
+# Donating variants: the (P, C, C) second moments become the covariance in place, and the
+# covariance buffer is reused for one of the factors, so at most two (P, C, C) arrays
+# (plus XLA's temporaries) are alive at a time instead of four.
+_finalize_donated = jax.jit(_finalize_parts, static_argnames=("eps",), donate_argnums=2)
+_factor_kept = jax.jit(_factor)
+_factor_donated = jax.jit(_factor, donate_argnums=0)
+
+
+def finalize_model(stats: gaussian.PatchStats, grid: tuple[int, int],
+                   spec: PatchGaussianSpec, *, donate_stats: bool = False) -> PatchGaussianModel:
+    """Mean, regularised covariance, its Cholesky factor and whitening matrix.
+
+    With `donate_stats` the buffers of `stats` are reused for the result (peak memory
+    about half): `stats` must not be used afterwards.
+    """
+    count = int(stats.count)
+    if count < 2:
+        raise ValueError(f"fit: a covariance needs at least 2 training images, got {count}")
+    eps = float(spec.eps)
+    if donate_stats:
+        mean, cov = _finalize_donated(stats.count, stats.mean, stats.m2, eps=eps)
+        del stats
+        chol, whiten = _factor_donated(cov)
+    else:
+        mean, cov = _finalize(stats, eps=eps)
+        chol, whiten = _factor_kept(cov)
+    del cov
     if not bool(jnp.all(jnp.isfinite(chol))):
         raise FloatingPointError(
             "Cholesky factorisation failed (covariance not positive definite): raise eps "
-            f"(now {spec.eps}) or use more training images (now {int(stats.count)})")
+            f"(now {spec.eps}) or use more training images (now {count})")
     return PatchGaussianModel(spec=spec, grid=grid, mean=mean, chol=chol,
-                              whiten=gaussian.whitening_matrix(chol), num_images=int(stats.count))
+                              whiten=whiten, num_images=count)
 
 
 def distance_grid(model: PatchGaussianModel, feats: jax.Array) -> jax.Array:

@@ -74,7 +74,7 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     batches = (features(_to_rgb01(b["image"])) for b in
                common.iterate_batches(source, config.batch_size, desc="fit: features"))
     stats, grid = pg.fit_statistics(batches, shard_positions=config.gaussian.shard_positions)
-    model = pg.finalize_model(stats, grid, spec)
+    model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats not needed after
     jax.block_until_ready(model.whiten)
     fit_seconds = time.perf_counter() - start
     save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds})
