@@ -22,7 +22,7 @@ prints them as tables. About 2-3 minutes on a 2-core CPU.
      then ``np.cov(rowvar=False)`` per position into a float32 (P, C, C) array
      (memory O(N P C + P C^2)).
 
-   Both hold the (P, C, C) result (462 MiB in float32 at this size); the difference is
+   Both hold the (P, C, C) result (441 MiB in float32 at this size); the difference is
    the O(N P C) feature store (0.29 MiB per image here, twice that while concatenating).
 
 2. Finalize ("finalize_memory" rows): ``methods.patch_gaussian.finalize_model`` on the
@@ -69,6 +69,8 @@ def _feature_batches(n: int, channels: int):
 
 
 def _status_mib(key: str) -> float:
+    """A /proc/self/status memory field in MiB: VmHWM (the peak resident set since this
+    process's exec) or VmRSS (the resident set now)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key):
@@ -76,9 +78,9 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
 
 
-def _peak_rss_kib() -> float:
-    """This process's peak resident set (KiB) since its exec: VmHWM from /proc."""
-    return _status_mib("VmHWM:") * 1024
+def _cov_mib(channels: int) -> float:
+    """One float32 (P, C, C) array in MiB."""
+    return GRID[0] * GRID[1] * channels ** 2 * 4 / 2**20
 
 
 def _child(method: str, n: int, channels: int) -> dict[str, Any]:
@@ -107,16 +109,15 @@ def _child(method: str, n: int, channels: int) -> dict[str, Any]:
 
         stats, grid = pg.fit_statistics(_feature_batches(n, channels))
         jax.block_until_ready(stats)
+        spec = pg.PatchGaussianSpec(backbone="efficientnet_lite0", stages=("stats",), eps=EPS)
         before_mib = _status_mib("VmRSS:")
         start = time.perf_counter()  # time the finalize alone
-        spec = pg.PatchGaussianSpec(backbone="efficientnet_lite0", stages=("stats",), eps=EPS)
         model = pg.finalize_model(stats, grid, spec, donate_stats=method == "finalize_donate")
         jax.block_until_ready(model.whiten)
         seconds = time.perf_counter() - start
-        return dict(method=method, num_images=n, channels=channels,
-                    peak_mib=_peak_rss_kib() / 1024,
-                    finalize_over_stats_mib=_peak_rss_kib() / 1024 - before_mib,
-                    seconds=seconds)
+        peak_mib = _status_mib("VmHWM:")
+        return dict(method=method, num_images=n, channels=channels, peak_mib=peak_mib,
+                    finalize_over_stats_mib=peak_mib - before_mib, seconds=seconds)
     elif method == "keep_all":
         import jax.numpy as jnp  # the same runtime as the other children (fair baseline)
 
@@ -131,7 +132,7 @@ def _child(method: str, n: int, channels: int) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown method {method!r}")
     seconds = time.perf_counter() - start
-    peak_mib = _peak_rss_kib() / 1024
+    peak_mib = _status_mib("VmHWM:")
     return dict(method=method, num_images=n, channels=channels, peak_mib=peak_mib,
                 seconds=seconds)
 
@@ -156,7 +157,7 @@ def bench_memory(num_images=NUM_IMAGES, channels: int = CHANNELS) -> list[dict[s
             rows.append(dict(bench="fit_memory", **r,
                              over_baseline_mib=r["peak_mib"] - base["peak_mib"],
                              features_mib=n * GRID[0] * GRID[1] * channels * 4 / 2**20,
-                             cov_mib=GRID[0] * GRID[1] * channels ** 2 * 4 / 2**20))
+                             cov_mib=_cov_mib(channels)))
     rows.append(dict(bench="fit_memory", **base, over_baseline_mib=0.0, features_mib=0.0,
                      cov_mib=0.0))
     return rows
@@ -168,7 +169,7 @@ def bench_finalize(n: int = 64, channels: int = CHANNELS) -> list[dict[str, Any]
     for method in ("finalize_keep", "finalize_donate"):
         r = _run_child(method, n, channels)
         rows.append(dict(bench="finalize_memory", **r,
-                         pcc_mib=GRID[0] * GRID[1] * channels ** 2 * 4 / 2**20))
+                         pcc_mib=_cov_mib(channels)))
     keep, donate = rows
     donate["vs_keep"] = donate["finalize_over_stats_mib"] / keep["finalize_over_stats_mib"]
     return rows

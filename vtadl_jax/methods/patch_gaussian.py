@@ -253,7 +253,6 @@ def finalize_model(stats: gaussian.PatchStats, grid: tuple[int, int],
     eps = float(spec.eps)
     if donate_stats:
         mean, cov = _finalize_donated(stats.count, stats.mean, stats.m2, eps=eps)
-        del stats
         chol, whiten = _factor_donated(cov)
     else:
         mean, cov = _finalize(stats, eps=eps)
