@@ -3,7 +3,7 @@ embeddings vs none; the paper reports 0.897 with noise vs 0.807 without (METHODS
 
     python experiments/ablate_noise.py --out experiments/results/noise_ablation
 
-Both runs use experiments/vtadl_synthetic.py (64x64, D 64, K --k, batch 8, lr 1e-3) on the
+Both runs use experiments/configs/vtadl_synthetic.py (64x64, D 64, K --k, batch 8, lr 1e-3) on the
 generated MVTec-layout set, the same number of steps and the same seed (same
 initialisation and batch order); only ``model.overrides.noise_std`` differs (0.2 / 0).
 Metrics on the test split: AUPRO, pixel AUROC, image AUROC. Each (category, noise) run is
@@ -57,7 +57,7 @@ def main(argv=None) -> list[dict]:
     runner.write_report(
         args.out, "table", rows, cols,
         title="VT-ADL training-noise ablation (noise_std 0.2 vs 0)",
-        notes=[f"experiments/vtadl_synthetic.py model, K={args.k}, {args.steps} steps, batch 8, "
+        notes=[f"experiments/configs/vtadl_synthetic.py model, K={args.k}, {args.steps} steps, batch 8, "
                f"lr 1e-3, seed {args.seed}, generated MVTec-layout set (30 train images per "
                "category); only model.overrides.noise_std differs.",
                "paper: Mishra et al. 2021, noise on vs off 0.897 vs 0.807 (METHODS.md part A; "

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import runner  # noqa: E402
-from vtadl_jax.evaluate import write_json_atomic  # noqa: E402
+from vtadl_jax.records import write_json_atomic  # noqa: E402
 from vtadl_jax.report import markdown_table  # noqa: E402
 
 SUITES = ("ssim_filters", "mixture_gaussian", "metrics", "patch_gaussian_fit", "train_step")

@@ -18,7 +18,7 @@ from experiments import runner  # noqa: E402
 from vtadl_jax.configs import apply_overrides, load_config  # noqa: E402
 from vtadl_jax.pipelines import patch_gaussian as pipeline  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patch_gaussian_mnist.py")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "patch_gaussian_mnist.py")
 VTADL_MEAN_AUROC = 0.984  # VT-ADL Table II (METHODS.md part A), for orientation only
 
 

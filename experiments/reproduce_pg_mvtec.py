@@ -50,7 +50,7 @@ def plan(out: str, categories: list[str] | None) -> tuple[list[tuple[str, list[s
 
 
 def run_category(out: str, category: str, overrides: list[str]) -> dict:
-    config = apply_overrides(load_config(os.path.join(HERE, "patch_gaussian_mvtec.py") + f":{category}"),
+    config = apply_overrides(load_config(os.path.join(HERE, "configs", "patch_gaussian_mvtec.py") + f":{category}"),
                              overrides)
     workdir = os.path.join(out, "work", category)
     pipeline.fit_from_config(config, workdir)

@@ -4,10 +4,10 @@
         python experiments/reproduce_vtadl_btad.py --out experiments/results/vtadl_btad \
         [num_steps=...] [--products 01 02]
 
-With BTAD_ROOT: experiments/vtadl_btad.py (the paper's settings) per product. Without
+With BTAD_ROOT: experiments/configs/vtadl_btad.py (the paper's settings) per product. Without
 it the runner says so, generates a small BTAD-layout set (make_synthetic_btad: BTAD's
 folder names and mixed .bmp/.png formats, product 03 4:3) and runs the small
-experiments/vtadl_synthetic.py config on it (data.name=btad/<product>, 64 px), which
+experiments/configs/vtadl_synthetic.py config on it (data.name=btad/<product>, 64 px), which
 proves the BTAD reader and the pipeline but is not comparable with the paper.
 
 Paper (Table IV, METHODS.md part A): PRO 0.92/0.89/0.86 and PR-AUC 0.99/0.94/0.77 for
@@ -43,21 +43,21 @@ def plan(out: str, products: list[str] | None
     products = list(products or PRODUCTS)
     root = os.environ.get("BTAD_ROOT")
     if root:
-        spec = os.path.join(HERE, "vtadl_btad.py")
+        spec = os.path.join(HERE, "configs", "vtadl_btad.py")
         return [(p, f"{spec}:{p}", [f"data.root={root}"]) for p in products], [], True
     notes = [
         "BTAD was not found (set BTAD_ROOT=/path/to/BTech_Dataset_transformed to run on it; "
         "it cannot be downloaded on the project machines). This run used a generated "
         f"BTAD-layout set instead (make_synthetic_btad(seed=0, {SYNTHETIC}): BTAD's folders "
         "and file formats, product 03 4:3), to prove the machinery end to end.",
-        "Generated set: experiments/vtadl_synthetic.py (tiny variant widened to D 64, 64 px, "
+        "Generated set: experiments/configs/vtadl_synthetic.py (tiny variant widened to D 64, 64 px, "
         "patch 8, lr 1e-3) with data.name=btad/<product>. These numbers only show the "
         "pipeline runs; they are not comparable with the paper's."]
     syn = os.path.join(out, "synthetic")
     missing = tuple(p for p in products if not os.path.isdir(os.path.join(syn, p)))
     if missing:
         make_synthetic_btad(syn, products=missing, seed=0, **SYNTHETIC)
-    spec = os.path.join(HERE, "vtadl_synthetic.py")
+    spec = os.path.join(HERE, "configs", "vtadl_synthetic.py")
     # The direct backend: a TFDS build of the generated set would be stored under the
     # real dataset's name (btad/<product>) and later be read in place of real BTAD.
     units = [(p, f"{spec}:object", [f"data.name=btad/{p}", f"data.root={syn}",

@@ -6,7 +6,7 @@
 One digit is normal: the model trains on all MNIST training images of that digit and
 is tested on the full 10000-image test set (the other nine digits anomalous). Image
 score: reconstruction only (MSE + (1 - SSIM)), as the paper does for MNIST
-(experiments/vtadl_mnist.py). Positional arguments are config overrides, e.g.
+(experiments/configs/vtadl_mnist.py). Positional arguments are config overrides, e.g.
 ``num_steps=600`` for a shorter budget than the config's 30 epochs, or
 ``data.backend=direct data.max_examples=64`` for a quick check.
 
@@ -28,7 +28,7 @@ from vtadl_jax.configs import apply_overrides, load_config  # noqa: E402
 from vtadl_jax.pipelines import vtadl as pipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "vtadl_mnist.py")
+CONFIG = os.path.join(HERE, "configs", "vtadl_mnist.py")
 PAPER_MEAN_AUROC = 0.984  # Table II, mean over the ten digits (METHODS.md part A)
 COLUMNS = ["digit", "image_auroc", "paper_auroc", "image_ap", "train_images", "test_images",
            "steps", "final_loss", "train_seconds", "eval_seconds"]
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     notes = [
         "paper_auroc: METHODS.md gives only the paper's mean over the ten digits (0.984); "
         "per-digit paper values are not restated there, so they are shown as '-'.",
-        f"config: experiments/vtadl_mnist.py (variant {cfg.get('model', {}).get('variant')}, "
+        f"config: experiments/configs/vtadl_mnist.py (variant {cfg.get('model', {}).get('variant')}, "
         f"batch {cfg.get('batch_size')}, lr {cfg.get('optim', {}).get('learning_rate')}), "
         f"score_form {runs[0].get('score_form') if runs else '-'}; "
         f"overrides: {' '.join(args.overrides) or '(none)'}.",

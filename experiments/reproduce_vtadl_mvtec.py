@@ -4,8 +4,8 @@
         python experiments/reproduce_vtadl_mvtec.py --out experiments/results/vtadl_mvtec \
         [num_steps=...] [--categories hazelnut screw]
 
-With MVTEC_AD_ROOT: experiments/vtadl_mvtec.py (the paper's settings) per category.
-Without it the runner says so and runs experiments/vtadl_synthetic.py (small model,
+With MVTEC_AD_ROOT: experiments/configs/vtadl_mvtec.py (the paper's settings) per category.
+Without it the runner says so and runs experiments/configs/vtadl_synthetic.py (small model,
 64 px) on the generated MVTec-layout set (categories "texture" and "object"), which
 proves the machinery end to end but is not comparable with the paper.
 
@@ -40,16 +40,16 @@ def plan(out: str, categories: list[str] | None
     root = os.environ.get("MVTEC_AD_ROOT")
     if root:
         cats = categories or list(MVTEC_CATEGORIES)
-        spec = os.path.join(HERE, "vtadl_mvtec.py")
+        spec = os.path.join(HERE, "configs", "vtadl_mvtec.py")
         return [(c, f"{spec}:{c}", [f"data.root={root}"]) for c in cats], [], True
     notes = [runner.missing_dataset_note("MVTec AD", "MVTEC_AD_ROOT", "mvtec_anomaly_detection"),
-             "Generated set: experiments/vtadl_synthetic.py (tiny variant widened to D 64, "
+             "Generated set: experiments/configs/vtadl_synthetic.py (tiny variant widened to D 64, "
              f"64 px, patch 8, lr 1e-3), make_synthetic_mvtec(seed=0, {SYNTHETIC}). These "
              "numbers only show the pipeline runs; they are not comparable with the paper."]
     syn = os.path.join(out, "synthetic")
     if not os.path.isdir(syn):
         make_synthetic_mvtec(syn, seed=0, **SYNTHETIC)
-    spec = os.path.join(HERE, "vtadl_synthetic.py")
+    spec = os.path.join(HERE, "configs", "vtadl_synthetic.py")
     units = [(c, f"{spec}:{c}", ["data.name=folder", f"data.root={os.path.join(syn, c)}",
                                  "data.backend=direct"])
              for c in (categories or ["texture", "object"])]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from vtadl_jax.evaluate import write_json_atomic
+from vtadl_jax.records import write_json_atomic
 from vtadl_jax.report import write_tables
 
 

@@ -12,7 +12,7 @@ K=200).
       loss.k_chunk=min(--k-chunk, K)), so no (B, N, K, D) tensor exists;
     - "chunked" (optional): head outputs materialised, NLL reduced in chunks of --k-chunk.
     The jitted data-parallel train step (``train.step.make_train_step``) of the model of
-    ``experiments/vtadl_synthetic.py`` (64x64x3, patch 8 -> N = 64 patches, D = 64,
+    ``experiments/configs/vtadl_synthetic.py`` (64x64x3, patch 8 -> N = 64 patches, D = 64,
     batch 8) is compiled ahead of time; its compiled memory (XLA ``memory_analysis``:
     temp + arguments + outputs - aliased (donated state), deterministic) is recorded,
     then, when that is below --mem-limit-gb, one warm-up step runs and the median of
@@ -65,10 +65,10 @@ def parse_overrides(items) -> dict:
 
 def synthetic_config(category: str, root: str, *, k: int, steps: int, seed: int = 0,
                      noise_std: float | None = None, model_overrides: dict | None = None):
-    """experiments/vtadl_synthetic.py with K, steps, seed (and noise) set; direct reader."""
+    """experiments/configs/vtadl_synthetic.py with K, steps, seed (and noise) set; direct reader."""
     from vtadl_jax.configs import load_config
 
-    config = load_config(os.path.join(HERE, "vtadl_synthetic.py") + f":{category}")
+    config = load_config(os.path.join(HERE, "configs", "vtadl_synthetic.py") + f":{category}")
     overrides = dict(config.model.overrides.to_dict() if hasattr(config.model.overrides, "to_dict")
                      else config.model.overrides)
     overrides.update(model_overrides or {})
@@ -91,7 +91,7 @@ def synthetic_config(category: str, root: str, *, k: int, steps: int, seed: int 
 def mnist_config(digit: int, *, k: int, steps: int, max_examples: int | None, seed: int = 0):
     from vtadl_jax.configs import load_config
 
-    config = load_config(os.path.join(HERE, "vtadl_mnist.py") + f":{digit}")
+    config = load_config(os.path.join(HERE, "configs", "vtadl_mnist.py") + f":{digit}")
     config.model.overrides = {"num_components": int(k)}
     config.data.backend = "direct"
     if max_examples:
@@ -377,7 +377,7 @@ def main(argv=None) -> dict:
                           "pixel_auroc": v})
         cols = ["dataset", "k", "steps", "aupro", "pixel_auroc", "image_auroc", "final_loss",
                 "train_seconds", "num_images"]
-        notes = [f"synthetic: experiments/vtadl_synthetic.py model (64x64, D 64, batch 8, "
+        notes = [f"synthetic: experiments/configs/vtadl_synthetic.py model (64x64, D 64, batch 8, "
                  f"lr 1e-3, noise 0.2), {args.steps} steps, seed {args.seed}, on the "
                  "generated MVTec-layout set (30 train images per category); "
                  "test split of that set.",

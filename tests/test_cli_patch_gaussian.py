@@ -20,7 +20,7 @@ from vtadl_jax import data as data_lib
 from vtadl_jax.pipelines import patch_gaussian as pgp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "experiments", "patch_gaussian_synthetic.py") + ":object"
+CONFIG = os.path.join(REPO, "experiments", "configs", "patch_gaussian_synthetic.py") + ":object"
 SIZE = 64
 
 

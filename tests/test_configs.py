@@ -43,11 +43,11 @@ def test_load_config_with_and_without_arg(config_file):
 
 
 def test_load_config_repository_experiment():
-    config = load_config(os.path.join(REPO, "experiments", "patch_gaussian_synthetic.py:texture"),
+    config = load_config(os.path.join(REPO, "experiments", "configs", "patch_gaussian_synthetic.py:texture"),
                          ["data.image_size=64", "backbone.weights=random"])
     assert config.data.root == os.path.join("outputs", "synthetic", "texture")
     assert config.data.image_size == 64 and config.backbone.weights == "random"
-    assert load_config(os.path.join(REPO, "experiments", "patch_gaussian_mnist.py:7")
+    assert load_config(os.path.join(REPO, "experiments", "configs", "patch_gaussian_mnist.py:7")
                        ).data.name == "mnist_one_class/7"
 
 

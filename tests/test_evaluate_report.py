@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from vtadl_jax import evaluate, report
+from vtadl_jax import evaluate, records, report
 
 
 def _outputs(seed=0, n=12, size=16, ties=False):
@@ -125,13 +125,13 @@ def test_shape_errors_name_the_argument(change, words):
 def test_write_json_atomic_roundtrip_no_temp_and_mode(tmp_path):
     path = tmp_path / "new" / "sub" / "metrics.json"
     obj = {"b": 1.5, "a": [1, 2], "c": {"x": None}}
-    evaluate.write_json_atomic(obj, str(path))
+    records.write_json_atomic(obj, str(path))
     assert json.loads(path.read_text()) == obj
     assert os.listdir(path.parent) == ["metrics.json"]
     umask = os.umask(0o022)
     os.umask(umask)
     assert (os.stat(path).st_mode & 0o777) == (0o666 & ~umask)  # like open(), not 0600
-    evaluate.write_json_atomic({"replaced": True}, str(path))
+    records.write_json_atomic({"replaced": True}, str(path))
     assert json.loads(path.read_text()) == {"replaced": True}
     assert os.listdir(path.parent) == ["metrics.json"]
 
@@ -143,17 +143,17 @@ def test_write_json_atomic_roundtrip_no_temp_and_mode(tmp_path):
 ])
 def test_write_json_atomic_failure_keeps_old_file(tmp_path, bad):
     path = tmp_path / "metrics.json"
-    evaluate.write_json_atomic({"old": 1}, str(path))
+    records.write_json_atomic({"old": 1}, str(path))
     before = path.read_bytes()
     with pytest.raises(TypeError):
-        evaluate.write_json_atomic(bad, str(path))
+        records.write_json_atomic(bad, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_write_json_atomic_failure_without_old_file(tmp_path):
     with pytest.raises(TypeError):
-        evaluate.write_json_atomic({"a": object()}, str(tmp_path / "m.json"))
+        records.write_json_atomic({"a": object()}, str(tmp_path / "m.json"))
     assert os.listdir(tmp_path) == []
 
 

@@ -1,8 +1,8 @@
 """The `vtadl-jax` command line: one entry point for both methods.
 
     vtadl-jax make-synthetic --out DIR [--seed 0]
-    vtadl-jax train    --config experiments/vtadl_mnist.py:0 --workdir runs/mnist0 [key=value ...]
-    vtadl-jax fit      --config experiments/patch_gaussian_synthetic.py --workdir runs/pg [key=value ...]
+    vtadl-jax train    --config experiments/configs/vtadl_mnist.py:0 --workdir runs/mnist0 [key=value ...]
+    vtadl-jax fit      --config experiments/configs/patch_gaussian_synthetic.py --workdir runs/pg [key=value ...]
     vtadl-jax evaluate --workdir runs/pg [--overlays 6]
     vtadl-jax predict  --workdir runs/pg --images a.png b.png --out preds/
     vtadl-jax demo     --out outputs/demo

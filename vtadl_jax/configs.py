@@ -1,6 +1,6 @@
 """Configs are code: Python files with `get_config(arg=None) -> ml_collections.ConfigDict`.
 
-`load_config("experiments/vtadl_mnist.py:3", ["train.epochs=2", "model.k=64"])` imports
+`load_config("experiments/configs/vtadl_mnist.py:3", ["train.epochs=2", "model.k=64"])` imports
 the file, calls get_config("3") and applies the overrides with the types of the fields
 they replace (an override of a missing field, or of the wrong type, is an error that
 names it). This is the big_vision / Flax-examples convention without absl flags.

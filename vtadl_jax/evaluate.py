@@ -8,9 +8,6 @@ AUROC, AUPRO at FPR <= 0.3, PR-AUC, F1-max); `write_metrics` stores them atomica
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -77,37 +74,3 @@ def evaluate_outputs(maps: np.ndarray | None, scores: np.ndarray, masks: np.ndar
     if skipped:
         out["skipped"] = skipped
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (Linux), else via os.umask."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            # mkstemp creates the file 0600; give it the mode open() would (0666 & ~umask).
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

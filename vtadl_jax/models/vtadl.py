@@ -141,9 +141,3 @@ class VTADL(nn.Module):
                              "the 'vtadl_code' decoder needs 512x512x3 images")
         return {"embeddings": z, "recon": recon, "mixture": self.mdn(z)}
 
-
-def get_variant(name: str, **overrides: Any) -> VTADL:
-    """A named ``VTADL`` ("paper", "mnist", "tiny"); see ``models.variants``."""
-    from vtadl_jax.models.variants import get_variant as from_table
-
-    return from_table(name, **overrides)

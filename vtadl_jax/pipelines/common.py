@@ -12,14 +12,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vtadl_jax import data as data_lib
-from vtadl_jax import evaluate, metrics, report
+from vtadl_jax import evaluate, metrics, records, report
 
 RUN_FILE = "run.json"
 
 
 def write_run(workdir: str, method: str, config: ml_collections.ConfigDict) -> None:
     """Record the method and its full config in `workdir`/run.json (atomically)."""
-    evaluate.write_json_atomic({"method": method, "config": config.to_dict()},
+    records.write_json_atomic({"method": method, "config": config.to_dict()},
                                os.path.join(workdir, RUN_FILE))
 
 
@@ -43,7 +43,7 @@ def _size(data_cfg: ml_collections.ConfigDict) -> int | None:
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str):
-    """A data source from the `data` section of a config (see experiments/*.py).
+    """A data source from the `data` section of a config (see experiments/configs/*.py).
 
     Fields: name ("mvtec_ad/<category>", "btad/<product>", "mnist_one_class/<digit>",
     "folder"), root, preset, image_size (None = the preset's), scale (None = the
@@ -123,7 +123,7 @@ def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: 
     if per_defect:
         result["image_auroc_per_defect"] = per_defect
     metrics_path = os.path.join(eval_dir, "metrics.json")
-    evaluate.write_json_atomic(result, metrics_path)
+    records.write_json_atomic(result, metrics_path)
     if num_overlays and outputs["images"].size:
         idx = report.pick_examples(outputs["labels"], outputs["scores"], num_overlays)
         titles = [f"{outputs['defects'][i]} score={outputs['scores'][i]:.3g}" for i in idx]
@@ -170,6 +170,6 @@ def write_predictions(out_dir: str, paths: Sequence[str], images: np.ndarray,
         stem = os.path.splitext(name)[0]
         written.append(report.save_overlays(os.path.join(out_dir, f"{stem}_heatmap.png"),
                                             image[None], amap[None], titles=[stem]))
-    evaluate.write_json_atomic({n: float(s) for n, s in zip(names, np.asarray(scores))},
+    records.write_json_atomic({n: float(s) for n, s in zip(names, np.asarray(scores))},
                                os.path.join(out_dir, "scores.json"))
     return written

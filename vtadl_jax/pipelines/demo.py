@@ -23,7 +23,7 @@ from vtadl_jax.pipelines import patch_gaussian, vtadl
 from vtadl_jax.report import write_tables
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "experiments")
+    os.path.abspath(__file__)))), "experiments", "configs")
 COLUMNS = ["method", "category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
            "seconds"]
 
@@ -31,7 +31,7 @@ COLUMNS = ["method", "category", "image_auroc", "pixel_auroc", "aupro", "pixel_a
 def _config(name: str, category: str, overrides: list[str]):
     path = os.path.join(EXPERIMENTS, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the demo needs the experiments/ folder of the repository")
+        raise FileNotFoundError(f"{path}: the demo needs the experiments/configs/ folder of the repository")
     return apply_overrides(load_config(f"{path}:{category}"), overrides)
 
 

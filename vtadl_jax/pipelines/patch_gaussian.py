@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vtadl_jax import evaluate
+from vtadl_jax import records
 from vtadl_jax.methods import patch_gaussian as pg
 from vtadl_jax.models.backbones.registry import (Backbone, from_variables, load_backbone,
                                                   module_config_of)
@@ -111,7 +111,7 @@ def save_model(workdir: str, model: pg.PatchGaussianModel, backbone: Backbone,
     if os.path.exists(path):
         os.rename(path, retired)
     os.rename(staging, path)
-    evaluate.write_json_atomic(meta, os.path.join(workdir, "model_spec.json"))
+    records.write_json_atomic(meta, os.path.join(workdir, "model_spec.json"))
     if os.path.exists(retired):
         shutil.rmtree(retired)
 

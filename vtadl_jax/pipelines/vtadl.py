@@ -17,7 +17,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from vtadl_jax import evaluate
+from vtadl_jax import records
 from vtadl_jax.methods import vtadl_scoring
 from vtadl_jax.pipelines import common
 from vtadl_jax.train import loop
@@ -38,7 +38,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     start = time.perf_counter()
     state, summary = loop.train(config, workdir, source)
     summary["train_seconds"] = time.perf_counter() - start
-    evaluate.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
+    records.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
     print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")
     return state, summary
 

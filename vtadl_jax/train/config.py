@@ -1,4 +1,4 @@
-"""Base VT-ADL training config (the paper's Table I); experiments/*.py start from it.
+"""Base VT-ADL training config (the paper's Table I); experiments/configs/*.py start from it.
 
 Fields:
   seed: int; parameters from fold_in(seed, 0), training noise from fold_in(seed, 1).

@@ -118,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
     """Train VT-ADL; return (final state, summary dict).
 
     Args:
-      config: see ``experiments/vtadl_tiny.py`` for the fields.
+      config: see ``experiments/configs/vtadl_tiny.py`` for the fields.
       workdir: output directory (checkpoints/, metrics.jsonl, config.json).
       train_source: a random-access Source of dicts with "image" (H, W, C) float32;
         consumed with ``vtadl_jax.data.batches`` unless ``batch_iterator`` is given.

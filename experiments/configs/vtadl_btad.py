@@ -1,9 +1,9 @@
 """VT-ADL on BTAD (Mishra et al. 2021, Table IV): products 01, 02, 03, resize 512.
 
-    vtadl-jax train --config experiments/vtadl_btad.py:01 --workdir runs/vt_btad01 \
+    vtadl-jax train --config experiments/configs/vtadl_btad.py:01 --workdir runs/vt_btad01 \
         data.root=/path/to/BTech_Dataset_transformed
 
-Same model and training as experiments/vtadl_mvtec.py. BTAD must be supplied by the
+Same model and training as experiments/configs/vtadl_mvtec.py. BTAD must be supplied by the
 user (BTAD_ROOT).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Patch Gaussians on EfficientNet-Lite0 on the generated MVTec-layout set.
 
     vtadl-jax make-synthetic --out outputs/synthetic
-    vtadl-jax fit --config experiments/patch_gaussian_synthetic.py:object --workdir runs/pg_object
+    vtadl-jax fit --config experiments/configs/patch_gaussian_synthetic.py:object --workdir runs/pg_object
     vtadl-jax evaluate --workdir runs/pg_object
 
 arg: the category folder of the generated set ("object" or "texture").

@@ -3,7 +3,7 @@
 Stages 3 and 4 (both 7x7 at 224x224) concatenated to 1536 channels per position;
 Sigma + 0.01 I; Mahalanobis map up-sampled bilinearly to 224 and smoothed with sigma 4.
 
-    vtadl-jax fit --config experiments/patch_gaussian_mvtec.py:bottle --workdir runs/pg_bottle \
+    vtadl-jax fit --config experiments/configs/patch_gaussian_mvtec.py:bottle --workdir runs/pg_bottle \
         data.root=/path/to/mvtec_anomaly_detection backbone.weights=/path/to/contnet_b.pth
 
 arg: the MVTec AD category. MVTec AD and the ConTNet-B weights must be supplied by the

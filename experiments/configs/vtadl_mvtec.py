@@ -1,6 +1,6 @@
 """VT-ADL on MVTec AD with the paper's settings (Mishra et al. 2021, Table I / Table III).
 
-    vtadl-jax train --config experiments/vtadl_mvtec.py:hazelnut --workdir runs/vt_hazelnut \
+    vtadl-jax train --config experiments/configs/vtadl_mvtec.py:hazelnut --workdir runs/vt_hazelnut \
         data.root=/path/to/mvtec_anomaly_detection
     vtadl-jax evaluate --workdir runs/vt_hazelnut
 

@@ -1,7 +1,7 @@
 """VT-ADL, small model, on the generated MVTec-layout set (demo and machinery checks).
 
     vtadl-jax make-synthetic --out outputs/synthetic
-    vtadl-jax train --config experiments/vtadl_synthetic.py:object --workdir runs/vt_object
+    vtadl-jax train --config experiments/configs/vtadl_synthetic.py:object --workdir runs/vt_object
     vtadl-jax evaluate --workdir runs/vt_object
 
 64x64 inputs, patch 8 (8x8 grid as the paper's 512/64), the "tiny" variant widened to
