@@ -4,8 +4,8 @@ Importing this package registers the TFDS builders ``mvtec_ad``, ``btad``,
 ``mnist_one_class`` and ``folder`` (TensorFlow is not needed).
 """
 from vtadl_jax.data.builders import Btad, Folder, FolderConfig, MvtecAd, folder_config
-from vtadl_jax.data.errors import (DatasetError, InvalidImageError, InvalidMaskError,
-                                   MissingDataError)
+from vtadl_jax.data.errors import (DatasetError, ImageTooLargeError, InvalidImageError,
+                                   InvalidMaskError, MissingDataError)
 from vtadl_jax.data.image_files import load_image, load_mask
 from vtadl_jax.data.layouts import (BTAD_PRODUCTS, MVTEC_CATEGORIES, Record, scan_btad,
                                     scan_folder, scan_mvtec, verify_records)
@@ -18,7 +18,8 @@ from vtadl_jax.data.synthetic import make_synthetic_mvtec
 
 __all__ = [
     "Btad", "Folder", "FolderConfig", "MvtecAd", "folder_config",
-    "DatasetError", "InvalidImageError", "InvalidMaskError", "MissingDataError",
+    "DatasetError", "ImageTooLargeError", "InvalidImageError", "InvalidMaskError",
+    "MissingDataError",
     "load_image", "load_mask",
     "BTAD_PRODUCTS", "MVTEC_CATEGORIES", "Record", "scan_btad", "scan_folder", "scan_mvtec",
     "verify_records",

@@ -5,7 +5,8 @@ dataset is scanned, verified or built, i.e. before any training step runs.
 """
 from __future__ import annotations
 
-__all__ = ["DatasetError", "MissingDataError", "InvalidImageError", "InvalidMaskError"]
+__all__ = ["DatasetError", "MissingDataError", "InvalidImageError", "ImageTooLargeError",
+           "InvalidMaskError"]
 
 
 class DatasetError(ValueError):
@@ -18,6 +19,11 @@ class MissingDataError(DatasetError, FileNotFoundError):
 
 class InvalidImageError(DatasetError):
     """An image file cannot be decoded completely (unreadable or truncated)."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """An image declares more pixels than the limit (a decompression bomb, or a genuinely
+    huge image: raise the limit with ``max_image_pixels=`` or VTADL_MAX_IMAGE_PIXELS)."""
 
 
 class InvalidMaskError(DatasetError):

@@ -12,21 +12,35 @@ values are all in {0, 255} or all in {0, 1} (the MVTec AD and BTAD conventions).
 Any other value (for instance the grey edge of an anti-aliased drawing or JPEG
 noise) is an :class:`InvalidMaskError` naming the file, unless the caller passes an
 explicit ``binarize_threshold`` t, in which case the mask is ``value > t``.
+
+Size policy: an image whose header declares more than ``max_image_pixels`` pixels
+(default :data:`DEFAULT_MAX_IMAGE_PIXELS` = 8192 x 8192, or the environment variable
+``VTADL_MAX_IMAGE_PIXELS``) is refused with :class:`ImageTooLargeError` before any pixel
+is decoded, so a decompression bomb (a small file declaring a huge image) costs neither
+time nor memory. Every decode failure names the file.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import re
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vtadl_jax.data.errors import InvalidImageError, InvalidMaskError, MissingDataError
+from vtadl_jax.data.errors import (DatasetError, ImageTooLargeError, InvalidImageError,
+                                   InvalidMaskError, MissingDataError)
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image", "load_mask", "encode_png",
-           "image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_PIXELS_ENV", "is_image_file",
+           "load_image", "load_mask", "encode_png", "image_size", "max_image_pixels"]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # 64 Mi pixels: 192 MiB as RGB uint8
+MAX_PIXELS_ENV = "VTADL_MAX_IMAGE_PIXELS"
 
 
 def is_image_file(path: Path) -> bool:
@@ -34,60 +48,122 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open_fully(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; a truncated or corrupt file raises."""
-    if not path.is_file():
+def max_image_pixels(limit: int | None = None) -> int:
+    """The pixel limit in force: ``limit`` if given, else $VTADL_MAX_IMAGE_PIXELS, else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    source = "max_image_pixels"
+    if limit is None:
+        env = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not env:
+            return DEFAULT_MAX_IMAGE_PIXELS
+        source, limit = MAX_PIXELS_ENV, env
+    try:
+        value = int(limit)
+    except (TypeError, ValueError):
+        value = 0
+    if value <= 0:
+        raise DatasetError(f"{source} must be a positive integer (a number of pixels), "
+                           f"got {limit!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _open_checked(path: Path, limit: int | None) -> Iterator[Image.Image]:
+    """``Image.open`` (header only) of a regular file within the pixel limit."""
+    if not path.exists():
         raise MissingDataError(f"Image file not found: {path}")
+    if not path.is_file():
+        raise InvalidImageError(f"{path} is not a regular file (expected an image file)")
+    limit = max_image_pixels(limit)
+    too_large = (f"Image file {path} declares {{}} pixels, more than the limit of {limit} "
+                 f"(a decompression bomb?); for a genuinely huge image raise the limit with "
+                 f"max_image_pixels=<n> or the environment variable {MAX_PIXELS_ENV}=<n>")
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # the caller asked for more: PIL must not refuse first
     try:
-        with Image.open(path) as img:
-            img.load()  # full decode: truncated files raise OSError here
-            return img.copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise InvalidImageError(
-            f"Cannot decode image file {path} (expected a complete, readable image "
-            f"file): {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as err:  # beyond twice PIL's own limit
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        raise ImageTooLargeError(too_large.format(
+            declared.group(1) if declared else "more")) from None
+    except Exception as err:  # PIL plugins raise many types on malformed headers
+        raise InvalidImageError(f"Cannot read image file {path} (expected a readable image "
+                                f"file): {type(err).__name__}: {err}") from None
+    with img:
+        width, height = img.size
+        if width * height > limit:
+            raise ImageTooLargeError(too_large.format(f"{width} x {height} = {width * height}"))
+        if width <= 0 or height <= 0:
+            raise InvalidImageError(f"Image file {path} has size {width} x {height} "
+                                    "(expected a non-empty image)")
+        yield img
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header only."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (OSError, UnidentifiedImageError) as err:
-        raise InvalidImageError(f"Cannot read image header of {path}: {err}") from err
+def _open_fully(path: Path, limit: int | None = None) -> Image.Image:
+    """Open and fully decode ``path``; a truncated, corrupt or too large file raises."""
+    with _open_checked(path, limit) as img:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()  # full decode: truncated files raise OSError here
+                return img.copy()
+        except Exception as err:  # OSError, SyntaxError, ValueError, struct.error, ...
+            raise InvalidImageError(
+                f"Cannot decode image file {path} (expected a complete, readable image "
+                f"file): {type(err).__name__}: {err}") from None
+
+
+def image_size(path: str | Path, *, max_image_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header only (limit as load_image)."""
+    with _open_checked(Path(path), max_image_pixels) as img:
+        width, height = img.size
     return height, width
 
 
-def load_image(path: str | Path, *, channels: int | None = 3) -> np.ndarray:
+def load_image(path: str | Path, *, channels: int | None = 3,
+               max_image_pixels: int | None = None) -> np.ndarray:
     """Decode an image file completely into a uint8 (H, W, C) array.
 
     Args:
       path: the file.
       channels: 3 converts to RGB (grey replicated, alpha dropped, palette expanded),
         1 converts to grey ("L"), None keeps grey as 1 channel and everything else RGB.
+        16-bit and 32-bit integer grey keep their 8 most significant bits of 0..65535.
+      max_image_pixels: refuse images declaring more pixels (width x height) than this,
+        before decoding. None: $VTADL_MAX_IMAGE_PIXELS if set, else
+        :data:`DEFAULT_MAX_IMAGE_PIXELS` (8192 x 8192).
     Raises:
       MissingDataError: the file does not exist.
-      InvalidImageError: the file is unreadable or truncated.
+      ImageTooLargeError: the image declares more than ``max_image_pixels`` pixels.
+      InvalidImageError: the file is unreadable, truncated, empty or in a mode that
+        cannot be converted.
     """
-    path = Path(path)
-    img = _open_fully(path)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grey: keep the 8 most significant bits.
-        arr16 = np.asarray(img, dtype=np.uint32)
-        img = Image.fromarray((arr16 >> 8).clip(0, 255).astype(np.uint8))
-    if channels is None:
-        channels = 1 if img.mode in ("L", "1", "LA") else 3
-    if channels == 3:
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    elif channels == 1:
-        arr = np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
-    else:
+    if channels not in (1, 3, None):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    path = Path(path)
+    img = _open_fully(path, max_image_pixels)
+    try:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grey: keep the 8 most significant bits.
+            arr16 = np.asarray(img).astype(np.int64).clip(0, 65535)
+            img = Image.fromarray((arr16 >> 8).astype(np.uint8))
+        if channels is None:
+            channels = 1 if img.mode in ("L", "1", "LA") else 3
+        if channels == 3:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        else:
+            arr = np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
+    except Exception as err:  # an exotic mode PIL cannot convert
+        raise InvalidImageError(f"Cannot convert image file {path} (mode {img.mode}) to "
+                                f"{'RGB' if channels == 3 else 'grey'}: {err}") from None
     return np.ascontiguousarray(arr)
 
 
 def load_mask(path: str | Path, *, expected_size: tuple[int, int] | None = None,
-              binarize_threshold: int | None = None) -> np.ndarray:
+              binarize_threshold: int | None = None,
+              max_image_pixels: int | None = None) -> np.ndarray:
     """Decode a ground-truth mask into a uint8 (H, W) array with values in {0, 1}.
 
     Args:
@@ -95,16 +171,22 @@ def load_mask(path: str | Path, *, expected_size: tuple[int, int] | None = None,
       expected_size: (height, width) the mask must have (its image's size).
       binarize_threshold: None (default) requires values in {0, 255} or {0, 1};
         an integer t accepts any grey mask and returns ``value > t``.
+      max_image_pixels: as :func:`load_image`.
     Raises:
-      MissingDataError, InvalidImageError: as :func:`load_image`.
+      MissingDataError, ImageTooLargeError, InvalidImageError: as :func:`load_image`.
       InvalidMaskError: wrong size, or non-binary values without a threshold.
     """
     path = Path(path)
-    img = _open_fully(path)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img)
-    else:
-        arr = np.asarray(img.convert("L"))
+    img = _open_fully(path, max_image_pixels)
+    try:
+        arr = np.asarray(img if img.mode in ("I;16", "I;16B", "I;16L", "I", "F")
+                         else img.convert("L"))
+    except Exception as err:  # an exotic mode PIL cannot convert
+        raise InvalidImageError(f"Cannot convert mask file {path} (mode {img.mode}) to "
+                                f"grey: {err}") from None
+    if arr.ndim != 2:
+        raise InvalidMaskError(f"Mask {path} decodes to shape {arr.shape}; expected a "
+                               "single-channel (H, W) image")
     if expected_size is not None and tuple(arr.shape[:2]) != tuple(expected_size):
         raise InvalidMaskError(
             f"Mask {path} has size (H, W) = {tuple(arr.shape[:2])}, expected "
