@@ -37,8 +37,13 @@ from vtadl_jax.convert.efficientnet_lite import CheckpointMismatchError
 from vtadl_jax.convert.pth import load_pth
 from vtadl_jax.models.backbones.contnet import ConTNet, ConTNetConfig, relative_position_index
 
-__all__ = ["CheckpointMismatchError", "normalize_state_dict", "detect_contnet_config",
+__all__ = ["CheckpointMismatchError", "UnsupportedCheckpointError", "normalize_state_dict",
+           "detect_contnet_config",
            "contnet_from_state_dict", "contnet_to_state_dict", "load_contnet_pth"]
+
+class UnsupportedCheckpointError(CheckpointMismatchError, NotImplementedError):
+    """A ConTNet variant the Flax model does not build (a ValueError: a bad input file)."""
+
 
 _BLOCK = re.compile(r"^layer(\d+)\.ConTBlock(\d+)\.")
 _LEAF_TO_TORCH = {("params", "kernel"): "weight", ("params", "bias"): "bias",
@@ -61,7 +66,8 @@ def normalize_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise TypeError(f"expected a dict-like state dict, got {type(obj).__name__}")
+        raise CheckpointMismatchError(f"expected a dict-like state dict, got "
+                                      f"{type(obj).__name__}")
     out: dict[str, np.ndarray] = {}
     for key, value in obj.items():
         name = key[len("module."):] if key.startswith("module.") else key
@@ -106,15 +112,16 @@ def detect_contnet_config(state_dict: Mapping[str, Any], *, heads: tuple[int, ..
                           pre_norm: bool = False, **overrides: Any) -> ConTNetConfig:
     """Build the :class:`ConTNetConfig` a state dict was trained with (see module docstring).
 
-    Raises NotImplementedError for stems the Flax model does not build (tweak_C,
-    first_embedding) and CheckpointMismatchError when an option cannot be read.
+    Raises UnsupportedCheckpointError (a NotImplementedError and CheckpointMismatchError)
+    for stems the Flax model does not build (tweak_C, first_embedding) and
+    CheckpointMismatchError when an option cannot be read.
     """
     sd = normalize_state_dict(state_dict)
     if any(k.startswith("layer0.conv_bn") for k in sd):
-        raise NotImplementedError("this checkpoint uses the ResNet-C stem (tweak_C=True: "
+        raise UnsupportedCheckpointError("this checkpoint uses the ResNet-C stem (tweak_C=True: "
                                   "layer0.conv_bn1..3); only the 7x7 conv stem is supported")
     if "layer0.conv.weight" in sd or any(k.startswith("layer0.norm") for k in sd):
-        raise NotImplementedError("this checkpoint uses the 4x4 patch-embedding stem "
+        raise UnsupportedCheckpointError("this checkpoint uses the 4x4 patch-embedding stem "
                                   "(first_embedding=True); only the 7x7 conv stem is supported")
     blocks = _stage_blocks(sd)
     n = len(blocks)
@@ -242,12 +249,19 @@ def contnet_from_state_dict(state_dict: Mapping[str, Any], *, source: str = "sta
     """Official ConTNet state dict -> (config, ``{"params", "batch_stats"}`` of float32 NumPy).
 
     ``config_overrides`` go to :func:`detect_contnet_config` (e.g. ``heads=``,
-    ``pre_norm=``). Raises CheckpointMismatchError listing ALL missing, unexpected and
-    mis-shaped keys (and relative position indices that differ from the recomputed ones).
+    ``pre_norm=``). Raises CheckpointMismatchError, its message starting with ``source``:
+    not a ConTNet, or ALL missing, unexpected and mis-shaped keys (and relative position
+    indices that differ from the recomputed ones).
     """
-    sd = normalize_state_dict(state_dict)
-    config = detect_contnet_config(sd, **config_overrides)
-    expected = _expected(config)
+    try:
+        sd = normalize_state_dict(state_dict)
+        config = detect_contnet_config(sd, **config_overrides)
+        expected = _expected(config)
+    except CheckpointMismatchError as err:  # name the file in every message
+        raise type(err)(f"{source}: {err}") from None
+    except (ValueError, TypeError, ArithmeticError) as err:  # shapes no ConTNet has
+        raise CheckpointMismatchError(f"{source}: cannot build the ConTNet its keys and "
+                                      f"shapes describe: {err}") from None
     buffers = _buffers(config, list(expected))
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected) - set(buffers))

@@ -92,7 +92,8 @@ def efficientnet_lite_to_flax(state_dict: Mapping[str, np.ndarray],
       model: the Flax module the variables are for (default ``EfficientNetLite0()``).
       source: a name for error messages (e.g. the file path).
 
-    Raises CheckpointMismatchError listing ALL missing, unexpected and mis-shaped keys.
+    Raises CheckpointMismatchError naming ``source``: not an EfficientNet-Lite state dict
+    at all (one line), or ALL missing, unexpected and mis-shaped keys.
     Returns nested dicts of float32 NumPy arrays.
     """
     model = model or EfficientNetLite0()
@@ -101,6 +102,12 @@ def efficientnet_lite_to_flax(state_dict: Mapping[str, np.ndarray],
     bn_counters = {name.rsplit(".", 1)[0] + ".num_batches_tracked"
                    for name in wanted if name.endswith(".running_mean")}
     missing = sorted(set(wanted) - set(state_dict))
+    if len(missing) == len(wanted):
+        found = sorted(map(str, state_dict))
+        raise CheckpointMismatchError(
+            f"{source}: not a {type(model).__name__} state dict: none of its "
+            f"{len(wanted)} keys (e.g. '_conv_stem.weight') is present; found "
+            f"{len(found)} keys: {[k[:60] for k in found[:8]]}{'...' if len(found) > 8 else ''}")
     unexpected = sorted(set(state_dict) - set(wanted) - bn_counters)
     misshaped, flat = [], {}
     for name, key in wanted.items():
