@@ -71,7 +71,7 @@ class Limits:
         self.work_left = 0
 
     def allow_work_for(self, pickle_bytes: int) -> None:
-        self.work_left += 1_000_000 + 16 * pickle_bytes
+        self.work_left += 100_000 + 2 * pickle_bytes
 
     def take_bytes(self, nbytes: int, what: str) -> None:
         if nbytes > self.bytes_left:

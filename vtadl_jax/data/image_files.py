@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vtadl_jax.data.errors import (DatasetError, ImageTooLargeError, InvalidImageError,
                                    InvalidMaskError, MissingDataError)
