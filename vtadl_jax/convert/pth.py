@@ -92,7 +92,7 @@ def _read_zip(path: str, limits: Limits) -> Any:
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
             raise PthFormatError(f"{path}: zip archive has no '<archive>/data.pkl' record "
-                                 f"(found {[short_repr(n) for n in names[:5]]}...)")
+                                 f"(found {', '.join(short_repr(n) for n in names[:5])}...)")
         prefix = pkl[0][: -len("data.pkl")]
         order = prefix + "byteorder"
         big = False

@@ -82,7 +82,7 @@ def _open_checked(path: Path, limit: int | None) -> Iterator[Image.Image]:
         Image.MAX_IMAGE_PIXELS = limit  # the caller asked for more: PIL must not refuse first
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # bomb and corrupt-metadata warnings: we raise
             img = Image.open(path)
     except Image.DecompressionBombError as err:  # beyond twice PIL's own limit
         declared = re.search(r"\((\d+) pixels\)", str(err))
@@ -106,7 +106,7 @@ def _open_fully(path: Path, limit: int | None = None) -> Image.Image:
     with _open_checked(path, limit) as img:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore")  # bomb and corrupt-metadata warnings: we raise
                 img.load()  # full decode: truncated files raise OSError here
                 return img.copy()
         except Exception as err:  # OSError, SyntaxError, ValueError, struct.error, ...
