@@ -413,3 +413,34 @@ def test_converters_name_the_file(tmp_path):
         with pytest.raises(CheckpointMismatchError, match=match) as err:
             loader(path)
         assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+# -- through the command line: exit status 2 and one line naming the file ------------------
+
+CONFIG = str(REPO / "experiments" / "configs" / "patch_gaussian_synthetic.py") + ":object"
+
+
+@pytest.mark.parametrize("case", ["directory", "bomb", "not_contnet", "not_lite0", "view"])
+def test_cli_fit_with_bad_weights_exits_2(tmp_path, capsys, case, bomb_stream):
+    from vtadl_jax import cli
+
+    name = "contnet_b" if case == "not_contnet" else "efficientnet_lite0"
+    if case == "directory":
+        weights, needle = tmp_path, "is a directory"
+    elif case == "bomb":
+        weights = _zip(tmp_path / "bomb.pth", [
+            _stored("archive/data.pkl", SIX), ("archive/data/0", bomb_stream, 8, 0, BOMB)])
+        needle = "expected 24"
+    elif case == "view":
+        pkl = _state({"w": _tensor("0", 6, 0, (10 ** 6, 10 ** 6), (0, 0))})
+        weights, needle = _checkpoint(tmp_path / "view.pth", pkl), "reading limit"
+    else:
+        weights = _checkpoint(tmp_path / "other.pth", SIX)
+        needle = "not a ConTNet" if case == "not_contnet" else "not a EfficientNetLite0"
+    code = cli.main(["fit", "--config", CONFIG, "--workdir", str(tmp_path / "run"),
+                     f"data.root={tmp_path / 'no_data'}", f"backbone.name={name}",
+                     f"backbone.weights={weights}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: {weights}" in err and needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
