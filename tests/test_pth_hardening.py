@@ -444,3 +444,26 @@ def test_cli_fit_with_bad_weights_exits_2(tmp_path, capsys, case, bomb_stream):
     assert code == 2, err
     assert f"error: {weights}" in err and needle in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bytearray_declaring_terabytes_is_bounded(tmp_path):
+    pkl = b"\x80\x05\x96" + struct.pack("<Q", 2 ** 40) + b"abc."  # BYTEARRAY8
+    _refused(_checkpoint(tmp_path / "ba.pth", pkl), "reading limit")
+
+
+def test_plain_python_and_numpy_values_still_load(tmp_path):
+    # what training scripts put next to the weights: the restrictions must not refuse it
+    import argparse
+
+    meta = {"epoch": 3, "args": argparse.Namespace(lr=0.1, name="b"), "acc": np.float64(0.5),
+            "hist": np.arange(4.0), "ids": {(1, "a"): [1.5, None], 2: b"\x00\xff"}}
+    pkl = pickle.dumps(meta, protocol=2)[:-1]  # drop STOP: add a tensor under "w"
+    pkl += _str("w") + _tensor("0", 6, 0, (6,), (1,)) + b"s."  # SETITEM, STOP
+    from vtadl_jax.convert.pth import read_pth
+
+    got = read_pth(_checkpoint(tmp_path / "meta.pth", pkl))
+    assert got["epoch"] == 3 and vars(got["args"]) == {"lr": 0.1, "name": "b"}
+    assert got["acc"] == 0.5 and type(got["acc"]) is np.float64
+    np.testing.assert_array_equal(got["hist"], np.arange(4.0))
+    assert got["ids"] == {(1, "a"): [1.5, None], 2: b"\x00\xff"}
+    np.testing.assert_array_equal(got["w"], np.arange(6, dtype=np.float32))

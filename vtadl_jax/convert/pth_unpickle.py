@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import pickle
+import struct
 from typing import Any, Callable
 
 import numpy as np
@@ -126,6 +127,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.nn.parameter", "Parameter"): _Marker("torch.nn.Parameter"),
     ("argparse", "Namespace"): argparse.Namespace,
     ("numpy", "dtype"): "_np_dtype",
+    ("_codecs", "encode"): "_latin1_bytes",  # how protocol 2 pickles bytes
     ("numpy", "ndarray"): _NDARRAY,
 }
 for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -253,6 +255,12 @@ class CheckpointUnpickler(pickle._Unpickler):
             out = (out.astype(np.uint32) << 16).view(np.float32)
         return out.astype(out.dtype.newbyteorder("="), copy=False)
 
+    def _latin1_bytes(self, text: Any, encoding: Any = None) -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise self._error("_codecs.encode other than protocol 2's latin1 bytes")
+        self._limits.take_bytes(len(text), "pickled bytes")
+        return text.encode("latin1")
+
     def _np_dtype(self, *args: Any) -> np.dtype:
         if not args or not isinstance(args[0], str) or len(args[0]) > 16:
             raise self._error(f"numpy.dtype({short_repr(args)}) is not a plain dtype")
@@ -307,6 +315,14 @@ class CheckpointUnpickler(pickle._Unpickler):
             self._check_key(item)
         pickle._Unpickler.load_frozenset(self)
 
+    def _load_bytearray8(self) -> None:  # allocates its declared length before reading
+        (n,) = struct.unpack("<Q", self.read(8))
+        self._limits.take_bytes(n, "a pickled bytearray")
+        data = self.read(n)
+        if len(data) != n:
+            raise self._error("pickle truncated inside a bytearray")
+        self.append(bytearray(data))
+
     def _load_build(self) -> None:
         state, inst = self.stack[-1], self.stack[-2]
         if isinstance(inst, np.ndarray):
@@ -349,5 +365,6 @@ for _code, _method in ((pickle.SETITEM, CheckpointUnpickler._load_setitem),
                        (pickle.DICT, CheckpointUnpickler._load_dict),
                        (pickle.ADDITEMS, CheckpointUnpickler._load_additems),
                        (pickle.FROZENSET, CheckpointUnpickler._load_frozenset),
-                       (pickle.BUILD, CheckpointUnpickler._load_build)):
+                       (pickle.BUILD, CheckpointUnpickler._load_build),
+                       (pickle.BYTEARRAY8, CheckpointUnpickler._load_bytearray8)):
     CheckpointUnpickler.dispatch[_code[0]] = _method
