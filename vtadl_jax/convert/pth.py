@@ -9,7 +9,8 @@ Two on-disk formats exist (both produced by ``torch.save``):
   system info, the object, the list of storage keys -- then, for each key in that order, an
   int64 element count followed by the raw storage bytes.
 
-The pickle is read by a restricted, bounded unpickler (:mod:`vtadl_jax.convert.pth_unpickle`:
+The pickle is read by a restricted, bounded unpickler (:mod:`vtadl_jax.convert.pth_unpickle`;
+storages, views and limits: :mod:`vtadl_jax.convert.pth_storage`;
 allow-listed globals only, tensors materialised as the pickle builds them, flat dict keys).
 Every failure -- a missing file, a directory, a truncated or corrupt archive, a disallowed
 global, a zip bomb, an impossible tensor view -- raises :class:`PthFormatError` (a
@@ -32,9 +33,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vtadl_jax.convert.pth_unpickle import (STORAGE_DTYPES, CheckpointUnpickler, Limits,
-                                            PthFormatError, Storage, UnsafePickleError,
-                                            short_repr)
+from vtadl_jax.convert.pth_storage import (STORAGE_DTYPES, Limits, PthFormatError, Storage,
+                                           UnsafePickleError, short_repr)
+from vtadl_jax.convert.pth_unpickle import CheckpointUnpickler
 from vtadl_jax.convert.pth_write import save_pth
 
 __all__ = ["PthFormatError", "UnsafePickleError", "read_pth", "load_pth",

@@ -29,77 +29,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["PthFormatError", "UnsafePickleError", "Limits", "Storage", "STORAGE_DTYPES",
-           "CheckpointUnpickler", "short_repr"]
+from vtadl_jax.convert.pth_storage import (ATOMS, STORAGE_DTYPES, Limits, PthFormatError,
+                                           Storage, UnsafePickleError, materialise, short_repr)
 
-# torch storage type -> NumPy element type (bfloat16 is read as raw bits, then widened)
-STORAGE_DTYPES = {
-    "DoubleStorage": "f8", "FloatStorage": "f4", "HalfStorage": "f2", "BFloat16Storage": "u2",
-    "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
-    "ByteStorage": "u1", "BoolStorage": "?", "ComplexFloatStorage": "c8",
-    "ComplexDoubleStorage": "c16",
-}
+__all__ = ["CheckpointUnpickler"]
+
 MAX_DIMS = 64
-_ATOMS = (str, bytes, int, float, bool, type(None))
-
-
-class PthFormatError(ValueError):
-    """The file is not a readable PyTorch checkpoint (the message names the file)."""
-
-
-class UnsafePickleError(PthFormatError):
-    """The checkpoint's pickle references a global outside the allow-list."""
-
-
-def short_repr(obj: Any, limit: int = 80) -> str:
-    """A repr that is cheap and short whatever ``obj`` is (no deep or shared recursion)."""
-    if isinstance(obj, _ATOMS):
-        text = repr(obj)
-    elif isinstance(obj, tuple) and all(isinstance(x, _ATOMS) for x in obj[:8]):
-        text = "(" + ", ".join(short_repr(x, limit) for x in obj[:8]) + \
-            (", ...)" if len(obj) > 8 else ")")
-    else:
-        text = f"<{type(obj).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class Limits:
-    """What one read may allocate (bytes) and compute (work units); raises when exceeded."""
-
-    def __init__(self, path: str, max_bytes: int, hint: str):
-        self.path, self.max_bytes, self.hint = path, int(max_bytes), hint
-        self.bytes_left = self.max_bytes
-        self.work_left = 0
-
-    def allow_work_for(self, pickle_bytes: int) -> None:
-        self.work_left += 100_000 + 2 * pickle_bytes
-
-    def take_bytes(self, nbytes: int, what: str) -> None:
-        if nbytes > self.bytes_left:
-            raise PthFormatError(
-                f"{self.path}: {what} needs {nbytes} bytes, more than the "
-                f"{self.bytes_left} left of this file's reading limit ({self.max_bytes} "
-                f"bytes; a zip/decompression bomb or an oversized view?). {self.hint}")
-        self.bytes_left -= nbytes
-
-    def take_work(self, units: int) -> None:
-        self.work_left -= units
-        if self.work_left < 0:
-            raise PthFormatError(f"{self.path}: the pickle does more work than its length "
-                                 "allows (shared references amplified by copies or key "
-                                 "hashing); not a checkpoint torch.save writes")
-
-
-class Storage:
-    """A typed storage of ``numel`` elements; ``data`` (1-D) is filled once its bytes are read.
-
-    ``base`` = (root storage, element offset) for the views of the legacy format.
-    """
-
-    def __init__(self, key: str, name: str, numel: int):
-        self.key, self.name, self.numel = key, name, numel
-        self.data: np.ndarray | None = None
-        self.base: tuple["Storage", int] | None = None
 
 
 class _StorageType:
@@ -218,7 +153,8 @@ class CheckpointUnpickler(pickle._Unpickler):
             raise self._error(f"bad tensor geometry size={short_repr(size)} stride="
                               f"{short_repr(stride)} offset={short_repr(offset)} on storage "
                               f"'{storage.key}'")
-        return None if self._defer else self._materialise(storage, int(offset), size, stride)
+        return None if self._defer else materialise(storage, int(offset), size, stride,
+                                                     self._limits)
 
     def _geometry(self, value: Any, what: str) -> tuple[int, ...]:
         if (not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS
@@ -226,34 +162,6 @@ class CheckpointUnpickler(pickle._Unpickler):
             raise self._error(f"bad tensor {what} {short_repr(value)} (expected at most "
                               f"{MAX_DIMS} non-negative integers)")
         return tuple(int(n) for n in value)
-
-    def _materialise(self, st: Storage, offset: int, size: tuple, stride: tuple) -> np.ndarray:
-        """Copy the view (offset/shape/strides in elements) out of its storage, checked."""
-        if st.base is not None:
-            st, offset = st.base[0], offset + st.base[1]
-        if st.data is None:
-            raise self._error(f"storage '{st.key}' was never read")
-        numel = 1
-        for n in size:
-            numel *= n
-        widen = 2 if st.name == "BFloat16Storage" else 1
-        self._limits.take_bytes(numel * st.data.itemsize * widen,
-                                f"tensor of shape {size} on storage '{st.key}'")
-        if numel == 0:
-            out = np.empty(size, st.data.dtype)
-        else:
-            last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-            if last >= st.data.size:
-                raise self._error(f"tensor of shape {size}, stride {stride}, offset {offset} "
-                                  f"reads element {last} of storage '{st.key}' which holds "
-                                  f"{st.data.size}")
-            item = st.data.itemsize
-            out = np.lib.stride_tricks.as_strided(
-                st.data[offset:], shape=size, strides=tuple(s * item for s in stride),
-                writeable=False).copy()
-        if widen == 2:  # exact widening: bf16 bits are the top half of f32
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        return out.astype(out.dtype.newbyteorder("="), copy=False)
 
     def _latin1_bytes(self, text: Any, encoding: Any = None) -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -281,9 +189,9 @@ class CheckpointUnpickler(pickle._Unpickler):
 
     # -- opcodes with a cost that is not O(1) per pickle byte ----------------------------
     def _check_key(self, key: Any) -> None:
-        if isinstance(key, _ATOMS):
+        if isinstance(key, ATOMS):
             cost = 1 + (key.bit_length() >> 6 if isinstance(key, int) else 0)
-        elif isinstance(key, tuple) and len(key) <= 64 and all(isinstance(x, _ATOMS)
+        elif isinstance(key, tuple) and len(key) <= 64 and all(isinstance(x, ATOMS)
                                                                 for x in key):
             cost = 1 + sum(x.bit_length() >> 6 if isinstance(x, int) else 1 for x in key)
         else:
@@ -330,7 +238,7 @@ class CheckpointUnpickler(pickle._Unpickler):
             return pickle._Unpickler.load_build(self)
         if isinstance(inst, np.dtype):  # numpy's (3, '<', None, ...) of a plain dtype
             if not (isinstance(state, tuple) and len(state) <= 9
-                    and all(isinstance(x, _ATOMS) for x in state)):
+                    and all(isinstance(x, ATOMS) for x in state)):
                 raise self._error("numpy dtype state of a structured or object dtype")
             return pickle._Unpickler.load_build(self)
         if not isinstance(inst, (collections.OrderedDict, argparse.Namespace)):

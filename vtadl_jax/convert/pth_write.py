@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vtadl_jax.convert.pth_unpickle import STORAGE_DTYPES
+from vtadl_jax.convert.pth_storage import STORAGE_DTYPES
 
 __all__ = ["save_pth"]
 
