@@ -239,3 +239,31 @@ def test_cli_fit_on_a_folder_with_a_bomb_exits_2(folder, bomb, tmp_path, capsys,
     assert code == 2
     assert str(target) in err and "VTADL_MAX_IMAGE_PIXELS" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- MNIST idx files: the header bounds what is inflated ------------------------------------
+
+def _gzip_bomb(head: bytes, zeros: int) -> bytes:
+    """gzip member of ``head`` + ``zeros`` zero bytes, from a repeated 1 MiB deflate block
+    (no trailer: a reader that stops at the declared size never needs it)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(2 ** 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + first + block * (zeros >> 20)
+
+
+def test_idx_gzip_bomb_reads_only_what_the_header_declares(tmp_path):
+    from vtadl_jax.data import read_idx
+
+    head = struct.pack(">IIII", 0x0803, 1000, 28, 28)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(_gzip_bomb(head, 2 ** 30))  # 1 GiB of zeros in ~1 MB
+    assert path.stat().st_size < 2 * 2 ** 20
+    with pytest.raises(DatasetError, match=rf"{path} has 784017\+ bytes inflated"):
+        read_idx(path)
+    huge = tmp_path / "huge-images-idx3-ubyte"
+    huge.write_bytes(struct.pack(">IIII", 0x0803, 2 ** 30, 2 ** 10, 2 ** 10))
+    with pytest.raises(DatasetError, match=f"{huge}: its header .* expected at most"):
+        read_idx(huge)
+    with pytest.raises(DatasetError, match=f"idx file {tmp_path} is not a regular file"):
+        read_idx(tmp_path)

