@@ -467,3 +467,15 @@ def test_plain_python_and_numpy_values_still_load(tmp_path):
     np.testing.assert_array_equal(got["hist"], np.arange(4.0))
     assert got["ids"] == {(1, "a"): [1.5, None], 2: b"\x00\xff"}
     np.testing.assert_array_equal(got["w"], np.arange(6, dtype=np.float32))
+
+
+def test_limit_environment_variable(tmp_path, monkeypatch):
+    pkl = _state({"w": _tensor("0", 6, 0, (1000, 6), (0, 1))})  # 24 kB once expanded
+    path = _checkpoint(tmp_path / "expand.pth", pkl)
+    monkeypatch.setenv("VTADL_MAX_CHECKPOINT_BYTES", "10000")
+    _refused(path, "VTADL_MAX_CHECKPOINT_BYTES")
+    monkeypatch.setenv("VTADL_MAX_CHECKPOINT_BYTES", "100000")
+    assert load_pth(path)["w"].shape == (1000, 6)
+    monkeypatch.setenv("VTADL_MAX_CHECKPOINT_BYTES", "-1")
+    with pytest.raises(ValueError, match="VTADL_MAX_CHECKPOINT_BYTES must be a positive"):
+        load_pth(path)

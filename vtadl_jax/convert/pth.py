@@ -61,7 +61,8 @@ def default_max_bytes(path: str | Path) -> int:
         except ValueError:
             value = 0
         if value <= 0:
-            raise ValueError(f"{MAX_BYTES_ENV} must be a positive number of bytes, got {env!r}")
+            raise ValueError(f"{MAX_BYTES_ENV} must be a positive number of bytes, got {env!r}"
+                             f" (reading {path})")
         return value
     return 64 * 2 ** 20 + 4 * os.path.getsize(path)
 
@@ -219,9 +220,9 @@ def read_pth(path: str | Path, *, max_bytes: int | None = None) -> Any:
     if not os.path.isfile(path):
         kind = "a directory" if os.path.isdir(path) else "not a regular file"
         raise PthFormatError(f"{path} is {kind}; expected a PyTorch .pth checkpoint file")
-    hint = (f"To read a genuinely large checkpoint pass max_bytes= or set {MAX_BYTES_ENV}.")
+    hint = f"To read a genuinely large checkpoint pass max_bytes= or set {MAX_BYTES_ENV}."
+    limits = Limits(path, default_max_bytes(path) if max_bytes is None else max_bytes, hint)
     try:
-        limits = Limits(path, default_max_bytes(path) if max_bytes is None else max_bytes, hint)
         with open(path, "rb") as f:
             head = f.read(16)
         if zipfile.is_zipfile(path):
