@@ -109,10 +109,10 @@ def test_hand_written_checkpoint_reads(tmp_path):
 
 
 def _refused(path: Path, match: str = "", error=PthFormatError, **kwargs) -> str:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the work done, whatever the machine's load
     with pytest.raises(error, match=match) as err:
         load_pth(path, **kwargs)
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
     message = str(err.value)
     assert message.startswith(str(path)), message
     assert "\n" not in message
@@ -128,13 +128,13 @@ status = open("/proc/self/status").read()
 vm = int(status.split("VmSize:")[1].split()[0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + 768 * 2 ** 20, resource.RLIM_INFINITY))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.perf_counter()
+start = time.process_time()
 try:
     load_pth(sys.argv[1])
     error, message = None, ""
 except Exception as e:
     error, message = type(e).__name__, str(e)
-print(json.dumps({"error": error, "message": message, "seconds": time.perf_counter() - start,
+print(json.dumps({"error": error, "message": message, "seconds": time.process_time() - start,
                   "rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
 """
 
@@ -232,7 +232,8 @@ def test_raising_the_limit_reads_a_legitimately_expanded_view(tmp_path):
     (6, 0, (-2, 3), (3, 1), "bad tensor size"),
     (6, 0, (1,) * 65, (1,) * 65, "at most 64"),
     (6, 0, (2 ** 62, 2 ** 62), (0, 0), "reading limit"),  # int64 overflow of the numel
-])
+], ids=["past_end", "offset_past_end", "stride_rank", "negative_stride", "negative_offset",
+        "negative_size", "65_dims", "int64_overflow"])
 def test_bad_geometry(tmp_path, numel, offset, size, stride, match):
     pkl = _state({"w": _tensor("0", numel, offset, size, stride)})
     _refused(_checkpoint(tmp_path / "geom.pth", pkl), match)
@@ -250,7 +251,7 @@ def test_bad_geometry(tmp_path, numel, offset, size, stride, match):
              _int(-6)]) + b"Q", "persistent id"),
     (_tuple([_str("file"), _str("/etc/passwd")]) + b"Q", "persistent id"),
     (b"Pxyz\n", "persistent id"),
-])
+], ids=["int_as_storage", "float_dimension", "negative_numel", "foreign_pid", "text_pid"])
 def test_bad_tensor_records(tmp_path, value, match):
     _refused(_checkpoint(tmp_path / "t.pth", _state({"w": value})), match)
 
@@ -345,17 +346,18 @@ def test_deep_nesting_no_recursion_error(tmp_path):
     (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93."
      , "builtins.eval"),
     (_global("numpy", "ndarray") + _tuple([_tuple([_int(10 ** 6), _int(10 ** 6)])]) + b"R.",
-     "corrupt or truncated"),  # calling numpy.ndarray directly: a 1e12-element array
+     "calls numpy.ndarray"),  # calling numpy.ndarray directly: a 1e12-element array
     (_global("torch", "device") + _tuple([_laughs(60, "tuple")]) + b"R.", "torch.device"),
-])
+], ids=["os_system", "builtins_eval", "ndarray_call", "device_of_laughs"])
 def test_disallowed_globals_and_calls(tmp_path, payload, match):
     if not payload.startswith(b"\x80"):
         payload = b"\x80\x02" + payload
-    error = UnsafePickleError if "." in match and "torch" not in match else PthFormatError
+    error = UnsafePickleError if match in ("posix.system", "builtins.eval") else PthFormatError
     _refused(_checkpoint(tmp_path / "evil.pth", payload), match, error=error)
 
 
-@pytest.mark.parametrize("top", [b"]", b"K\x07", b"N", _str("weights"), _tuple([_int(1)])])
+@pytest.mark.parametrize("top", [b"]", b"K\x07", b"N", _str("weights"), _tuple([_int(1)])],
+                         ids=["list", "int", "none", "str", "tuple"])
 def test_non_dict_top_level(tmp_path, top):
     _refused(_checkpoint(tmp_path / "top.pth", b"\x80\x02" + top + b"."), "dict-like")
 

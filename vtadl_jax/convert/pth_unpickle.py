@@ -48,6 +48,9 @@ class _Marker:
     def __init__(self, name: str):
         self.name = name
 
+    def __call__(self, *args: Any, **kwargs: Any):
+        raise TypeError(f"the pickle calls {self.name}, which a checkpoint never does")
+
 
 _NDARRAY = _Marker("numpy.ndarray")
 _ALLOWED: dict[tuple[str, str], Any] = {
