@@ -9,6 +9,7 @@ bfloat16 rounding (8 significant bits: relative spacing 2^-8 = 0.39 %). The test
 but not a bf16 run that diverges from the float32 one. That the bf16 run really is bf16
 (not silently float32, which would pass any tolerance) is checked on the HLO.
 """
+import pathlib
 import re
 
 import jax
@@ -27,6 +28,7 @@ from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, replica
 STEPS = 30
 BATCH = 8
 LOSS_RTOL = 0.01  # see the module docstring
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _dataset(n: int = 32) -> np.ndarray:
@@ -130,3 +132,15 @@ def test_dtype_is_a_config_override_and_checked():
     assert build_model(base_config()).dtype == "float32"
     with pytest.raises(ValueError, match=r"model\.overrides\.dtype.*float16"):
         get_variant("tiny", dtype="float16")
+
+
+def test_cli_bad_dtype_exits_2_and_writes_nothing(tmp_path, capsys):
+    from vtadl_jax import cli
+
+    workdir = tmp_path / "run"
+    rc = cli.main(["train", "--config", str(ROOT / "experiments" / "configs" / "vtadl_tiny.py"), "--workdir",
+                   str(workdir), f"data.root={tmp_path}", "model.overrides.dtype=float16"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "model.overrides.dtype" in err and "bfloat16" in err and "Traceback" not in err
+    assert not workdir.exists()
