@@ -10,8 +10,17 @@ Every measurement runs in its own subprocess so that the host device count
   ``shard_map``; on a CPU the 8 "devices" share the same cores, so this measures the
   overhead of the data-parallel path rather than a speed-up).
 
+Every case runs in both compute dtypes (``DTYPES``: float32 and bfloat16 mixed
+precision, the model's ``dtype`` field). Each row also gives the step's FLOPs from XLA's
+cost analysis of the compiled step (all devices: the per-device figure of the
+partitioned program times the device count), the achieved TFLOP/s and the MFU against
+the device's dense peak (``vtadl_jax.train.flops``; "-" where the peak is unknown, as
+for CPUs). On an accelerator (detected in a subprocess) ``ACCELERATOR_CASES`` replace
+``CASES``: the paper config at batch 8 and 32 and mnist at batch 64, on one device.
+
 Usage: ``python experiments/benchmarks/bench_train_step.py`` (or ``run()``); a single
-case: ``--case mnist --devices 8 --batch 64 --steps 20`` prints one JSON line.
+case: ``--case mnist --devices 8 --batch 64 --steps 20 --dtype bfloat16`` prints one
+JSON line.
 """
 from __future__ import annotations
 
@@ -26,20 +35,29 @@ CASES = (  # (variant, devices, global batch, timed steps, warm-up steps)
     ("mnist", 1, 64, 20, 1),
     ("mnist", 8, 64, 20, 1),
     ("paper", 1, 8, 1, 0),
+    ("tiny", 1, 8, 50, 2),
 )
+ACCELERATOR_CASES = (
+    ("mnist", 1, 64, 50, 3),
+    ("paper", 1, 8, 20, 3),
+    ("paper", 1, 32, 10, 3),
+)
+DTYPES = ("float32", "bfloat16")
 
 
-def measure(variant: str, batch: int, steps: int, warmup: int = 1) -> dict:
+def measure(variant: str, batch: int, steps: int, warmup: int = 1,
+            dtype: str = "float32") -> dict:
     """Compile the train step ahead of time, run ``warmup`` steps, then time ``steps``."""
     import jax
     import numpy as np
 
     from vtadl_jax.models.variants import get_variant
+    from vtadl_jax.train.flops import device_peak_flops, mfu, step_flops
     from vtadl_jax.train.optim import make_optimizer
     from vtadl_jax.train.state import create_train_state
     from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, replicate, shard_batch
 
-    model, tx = get_variant(variant), make_optimizer(1e-4, 1e-4)
+    model, tx = get_variant(variant, dtype=dtype), make_optimizer(1e-4, 1e-4)
     mesh = make_mesh()
     shape = (*model.image_size, model.channels)
     images = np.random.default_rng(0).uniform(-1, 1, (batch, *shape)).astype(np.float32)
@@ -52,6 +70,8 @@ def measure(variant: str, batch: int, steps: int, warmup: int = 1) -> dict:
     t0 = time.perf_counter()
     step = step.lower(state, x).compile()
     compile_s = time.perf_counter() - t0
+    per_device = step_flops(step)
+    flops = None if per_device is None else per_device * mesh.size
     for _ in range(warmup):
         state, m = step(state, x)
     jax.block_until_ready(state)
@@ -60,14 +80,22 @@ def measure(variant: str, batch: int, steps: int, warmup: int = 1) -> dict:
         state, m = step(state, x)
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t0) / steps
+    kind = jax.devices()[0].device_kind
+    peak = device_peak_flops(kind, dtype)
+    util = mfu(flops, step_s, peak, mesh.size)
     return {"variant": variant, "devices": mesh.size, "batch": batch, "timed_steps": steps,
             "platform": jax.devices()[0].platform, "init_s": round(init_s, 2),
             "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-            "images_per_s": round(batch / step_s, 2), "loss": float(m["loss"])}
+            "images_per_s": round(batch / step_s, 2), "loss": float(m["loss"]),
+            "dtype": dtype, "device_kind": kind,
+            "gflops_per_step": None if flops is None else round(flops / 1e9, 2),
+            "achieved_tflops": None if flops is None else round(flops / step_s / 1e12, 4),
+            "peak_tflops": None if peak is None else round(peak / 1e12, 1),
+            "mfu": None if util is None else round(util, 4)}
 
 
 def run_case(variant: str, devices: int, batch: int, steps: int, warmup: int = 1,
-             timeout: float = 900) -> dict:
+             timeout: float = 900, dtype: str = "float32") -> dict:
     """``measure`` in a subprocess; devices > 1 means that many host CPU devices,
     devices == 1 the default platform (an accelerator when there is one)."""
     env = dict(os.environ)
@@ -75,23 +103,41 @@ def run_case(variant: str, devices: int, batch: int, steps: int, warmup: int = 1
     if devices > 1:  # host "devices" exist on the CPU platform only
         env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, os.path.abspath(__file__), "--case", variant, "--devices",
-           str(devices), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+           str(devices), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup), "--dtype", dtype]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode:
         raise RuntimeError(f"benchmark case {variant}/{devices} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(cases=CASES) -> list[dict]:
-    """Run every case and print a table; return the result dicts."""
+def default_platform() -> str:
+    """JAX's default backend, asked in a subprocess (this process never starts JAX, so
+    an accelerator's memory stays free for the measuring subprocesses)."""
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                         capture_output=True, text=True, timeout=300)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout else "cpu"
+
+
+def run(cases=None, dtypes=DTYPES) -> list[dict]:
+    """Run every case in every dtype and print a table; return the result dicts.
+
+    ``cases`` default: ``CASES`` on a CPU host, ``ACCELERATOR_CASES`` otherwise."""
+    from vtadl_jax.train.flops import format_mfu
+
+    if cases is None:
+        cases = CASES if default_platform() == "cpu" else ACCELERATOR_CASES
     results = []
     for variant, devices, batch, steps, warmup in cases:
-        r = run_case(variant, devices, batch, steps, warmup)
-        results.append(r)
-        print(f"{r['variant']:6s} devices={r['devices']} batch={r['batch']:3d} "
-              f"[{r['platform']}] compile {r['compile_s']:7.2f}s  "
-              f"step {r['step_s']:8.4f}s  {r['images_per_s']:9.2f} images/s "
-              f"({r['timed_steps']} timed steps)", flush=True)
+        for dtype in dtypes:
+            r = run_case(variant, devices, batch, steps, warmup, dtype=dtype)
+            results.append(r)
+            gflops = "-" if r["gflops_per_step"] is None else f"{r['gflops_per_step']:.1f}"
+            tflops = "-" if r["achieved_tflops"] is None else f"{r['achieved_tflops']:.3f}"
+            print(f"{r['variant']:6s} {dtype:8s} devices={r['devices']} batch={r['batch']:3d} "
+                  f"[{r['platform']}] compile {r['compile_s']:7.2f}s  "
+                  f"step {r['step_s']:8.4f}s  {r['images_per_s']:9.2f} images/s  "
+                  f"{gflops} GFLOP/step  {tflops} TFLOP/s  MFU {format_mfu(r['mfu'])} "
+                  f"({r['timed_steps']} timed steps)", flush=True)
     return results
 
 
@@ -102,11 +148,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="compute dtype of the model (parameters stay float32)")
     args = parser.parse_args()
     if args.case is None:
         run()
         return
-    print(json.dumps(measure(args.case, args.batch, args.steps, args.warmup)))
+    print(json.dumps(measure(args.case, args.batch, args.steps, args.warmup, args.dtype)))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from vtadl_jax.train.config import base_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.variant = "tiny"
-    c.model.overrides = {"image_size": 64, "patch_size": 8, "dim": 64, "num_heads": 4,
-                         "mlp_dim": 128, "num_components": 16, "recon_dim": 128,
-                         "decoder_width": 32, "decoder_num_up": 3}
+    c.model.overrides.update({"image_size": 64, "patch_size": 8, "dim": 64, "num_heads": 4,
+                              "mlp_dim": 128, "num_components": 16, "recon_dim": 128,
+                              "decoder_width": 32, "decoder_num_up": 3})
     c.data.name = "folder"
     c.data.root = os.path.join("outputs", "synthetic", arg or "object")
     c.data.preset = "vtadl_btad"  # resize to data.image_size, [-1, 1]

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtadl_jax.models.precision import at_least_float32
+
 CODE_CLAMP_EPS = float(np.finfo(np.float64).eps)
 SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(x) = 1
 
@@ -61,6 +63,9 @@ class MixtureDensityHead(nn.Module):
       num_components: K.
       head: "paper" or "vtadl_code" (see the module docstring).
       scale_floor: added to the softplus scales of the paper head.
+      dtype: compute dtype of the linear maps (None: that of the inputs); their
+        outputs are cast up to float32 before the softplus, so the mixture parameters
+        are float32 (or float64) whatever the compute dtype.
     """
 
     num_components: int
@@ -72,23 +77,24 @@ class MixtureDensityHead(nn.Module):
     def __call__(self, z: jax.Array) -> MixtureParams:
         k, d = self.num_components, z.shape[-1]
         lead = z.shape[:-1]
+        f32 = at_least_float32
         if self.head == "paper":
-            logits = nn.Dense(k, dtype=self.dtype, name="logits")(z)
-            means = nn.Dense(k * d, dtype=self.dtype, name="means")(z).reshape(*lead, k, d)
+            logits = f32(nn.Dense(k, dtype=self.dtype, name="logits")(z))
+            means = f32(nn.Dense(k * d, dtype=self.dtype, name="means")(z)).reshape(*lead, k, d)
             # Scales start at 1 + floor (zero kernel, bias softplus^-1(1)): a sane
             # initial NLL whatever the embedding scale; the means break the symmetry.
-            raw = nn.Dense(k * d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                           bias_init=nn.initializers.constant(SOFTPLUS_INV_ONE),
-                           name="scales")(z).reshape(*lead, k, d)
+            raw = f32(nn.Dense(k * d, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                               bias_init=nn.initializers.constant(SOFTPLUS_INV_ONE),
+                               name="scales")(z)).reshape(*lead, k, d)
             return MixtureParams(logits, means, jax.nn.softplus(raw) + self.scale_floor)
         if self.head == "vtadl_code":
             init = _torch_linear_default(d)
             x = jnp.maximum(z, CODE_CLAMP_EPS)
             dense = lambda n, name: nn.Dense(n, use_bias=False, kernel_init=init,  # noqa: E731
                                              dtype=self.dtype, name=name)
-            logits = dense(k, "pi")(x)
-            means = dense(d * k, "mu")(x).reshape(*lead, d, k)
-            logvar = jax.nn.softplus(dense(d * k, "sigma_sq")(x).reshape(*lead, d, k))
+            logits = f32(dense(k, "pi")(x))
+            means = f32(dense(d * k, "mu")(x)).reshape(*lead, d, k)
+            logvar = jax.nn.softplus(f32(dense(d * k, "sigma_sq")(x)).reshape(*lead, d, k))
             return MixtureParams(logits, jnp.swapaxes(means, -1, -2), jnp.swapaxes(logvar, -1, -2))
         raise ValueError(f"head must be 'paper' or 'vtadl_code', got {self.head!r}")
 

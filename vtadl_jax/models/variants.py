@@ -10,12 +10,15 @@
   reconstruction vector 64, small decoder; a train step takes milliseconds on a CPU.
 
 ``get_variant(name, **overrides)`` returns a ``VTADL`` module; any field may be
-overridden (``image_size`` may be an int for square images).
+overridden (``image_size`` may be an int for square images). ``dtype`` is the compute
+dtype, "float32" (default) or "bfloat16" (mixed precision: parameters, optimiser state,
+normalisation statistics and the loss stay float32; see ``models.vtadl``).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from vtadl_jax.models.precision import COMPUTE_DTYPES
 from vtadl_jax.models.vtadl import VTADL
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -43,6 +46,9 @@ def variant_fields(name: str, **overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"overrides: unknown VTADL fields {sorted(unknown)}")
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    if fields.get("dtype", "float32") not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype (model.overrides.dtype) must be one of {COMPUTE_DTYPES}, "
+                         f"got {fields['dtype']!r}")
     size = fields["image_size"]
     fields["image_size"] = (size, size) if isinstance(size, int) else tuple(size)
     return fields

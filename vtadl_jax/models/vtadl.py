@@ -13,6 +13,14 @@ Forward pass (images (B, H, W, C), in [-1, 1] by default):
 4. decoder(r) -> reconstruction (B, H, W, C) in [-1, 1];
 5. ``MixtureDensityHead`` on every (noisy) z -> mixture parameters.
 
+Mixed precision (``dtype="bfloat16"``): Dense, attention and LayerNorm layers and the
+decoder convolutions compute in bfloat16 (flax ``dtype``) while every parameter stays
+float32 (``param_dtype``), so the optimiser state does too; LayerNorm and BatchNorm
+statistics and the attention softmax are computed in float32, and the outputs
+(embeddings, reconstruction, mixture parameters) are returned in float32
+(``models.precision``), so the MDN likelihood, SSIM and the losses are float32
+whatever the compute dtype. ``dtype="float32"`` casts nothing.
+
 Noise is drawn per example: the key of example i is fold_in(make_rng("noise"), id_i)
 with ``example_ids`` the global example indices, so that a data-parallel run gives
 the same noise as a single-device run of the same global batch.
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 
 from vtadl_jax.models.decoder import SmallDecoder, VTADLCodeDecoder
 from vtadl_jax.models.mdn import MixtureDensityHead
+from vtadl_jax.models.precision import at_least_float32, flax_dtype
 from vtadl_jax.kernels.capsule import squash
 from vtadl_jax.models.vit import PatchViT
 
@@ -50,7 +59,7 @@ class CapsuleProjection(nn.Module):
         w = self.param("W", nn.initializers.normal(0.01),
                        (u.shape[1], self.out_dim, self.in_dim_caps))
         s = jnp.einsum("bij,ioj->bo", u, w.astype(u.dtype))
-        return squash(s, axis=-1, eps=SQUASH_EPS)
+        return squash(at_least_float32(s), axis=-1, eps=SQUASH_EPS)  # a norm: float32
 
 
 class VTADL(nn.Module):
@@ -70,6 +79,7 @@ class VTADL(nn.Module):
       scale_floor: floor of the paper head's scales.
       noise_std: std of the training noise on z (0 disables).
       bn_axis_name: device axis over which BatchNorm statistics are averaged in training.
+      dtype: compute dtype, "float32" or "bfloat16" (see the module docstring).
     """
 
     image_size: tuple[int, int]
@@ -90,26 +100,27 @@ class VTADL(nn.Module):
     scale_floor: float = 1e-3
     noise_std: float = 0.2
     bn_axis_name: str | None = None
-    dtype: Any = None
+    dtype: str = "float32"
 
     def setup(self):
+        cdtype = flax_dtype(self.dtype)  # None for "float32": no cast
         self.encoder = PatchViT(self.patch_size, self.dim, self.depth, self.num_heads,
-                                self.mlp_dim, self.attn_scale, self.dtype)
+                                self.mlp_dim, self.attn_scale, cdtype)
         if self.projection == "linear":
-            self.project = nn.Dense(self.recon_dim, dtype=self.dtype)
+            self.project = nn.Dense(self.recon_dim, dtype=cdtype)
         elif self.projection == "routing":
             self.project = CapsuleProjection(self.recon_dim)
         else:
             raise ValueError(f"projection must be 'linear' or 'routing', got {self.projection!r}")
         if self.decoder == "vtadl_code":
-            self.dec = VTADLCodeDecoder(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+            self.dec = VTADLCodeDecoder(bn_axis_name=self.bn_axis_name, dtype=cdtype)
         elif self.decoder == "small":
             self.dec = SmallDecoder(tuple(self.image_size), self.channels, self.decoder_width,
-                                    self.decoder_num_up, self.bn_axis_name, self.dtype)
+                                    self.decoder_num_up, self.bn_axis_name, cdtype)
         else:
             raise ValueError(f"decoder must be 'vtadl_code' or 'small', got {self.decoder!r}")
         self.mdn = MixtureDensityHead(self.num_components, self.mdn_head, self.scale_floor,
-                                      self.dtype)
+                                      cdtype)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -122,13 +133,16 @@ class VTADL(nn.Module):
             example_ids = jnp.arange(z.shape[0])
         base = self.make_rng("noise")
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(example_ids)
-        noise = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], z.dtype))(keys)
-        return z + self.noise_std * noise
+        # Drawn in float32 (or wider) whatever the compute dtype: the same noise in both.
+        dtype = jnp.promote_types(z.dtype, jnp.float32)
+        noise = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], dtype))(keys)
+        return z + (self.noise_std * noise).astype(z.dtype)
 
     def __call__(self, images: jax.Array, *, train: bool,
                  example_ids: jax.Array | None = None) -> dict[str, Any]:
         """images (B, H, W, C) -> dict(embeddings (B, N, D) (noisy in training),
-        recon (B, H, W, C), mixture: MixtureParams with leading (B, N))."""
+        recon (B, H, W, C), mixture: MixtureParams with leading (B, N)), all float32
+        (or wider) whatever the compute dtype."""
         if images.shape[1:] != (*self.image_size, self.channels):
             raise ValueError(f"images: shape {images.shape} does not match the model's "
                              f"(B, {self.image_size[0]}, {self.image_size[1]}, {self.channels})")
@@ -139,5 +153,6 @@ class VTADL(nn.Module):
         if recon.shape != images.shape:
             raise ValueError(f"decoder output {recon.shape} != input {images.shape}; "
                              "the 'vtadl_code' decoder needs 512x512x3 images")
-        return {"embeddings": z, "recon": recon, "mixture": self.mdn(z)}
+        return {"embeddings": at_least_float32(z), "recon": at_least_float32(recon),
+                "mixture": self.mdn(z)}
 

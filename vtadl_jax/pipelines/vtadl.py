@@ -33,6 +33,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
             f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
             "choose another --workdir (nothing was overwritten)")
     config.resume = bool(resume)
+    loop.build_model(config)  # a bad model field (e.g. dtype) fails before anything is written
     source = common.make_source(config.data, "train")
     common.write_run(workdir, METHOD, config)
     start = time.perf_counter()

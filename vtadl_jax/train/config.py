@@ -4,7 +4,9 @@ Fields:
   seed: int; parameters from fold_in(seed, 0), training noise from fold_in(seed, 1).
   model.variant: "paper" | "mnist" | "tiny"; model.overrides: VTADL fields to change
     (e.g. projection="routing", attn_scale="model", num_components=10,
-    mdn_head="vtadl_code", noise_std=0.0, image_size=32).
+    mdn_head="vtadl_code", noise_std=0.0, image_size=32); model.overrides.dtype:
+    compute dtype "float32" (default) | "bfloat16" (mixed precision; parameters,
+    optimiser state and the loss stay float32), settable on the command line.
   data.name / data.split / data.root / data.preset / data.image_size / data.scale /
     data.backend ("tfds" | "direct") / data.data_dir / data.max_examples: passed to
     vtadl_jax.data.make_source by the pipelines (vtadl_jax/pipelines/common.py);
@@ -29,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     """The paper's settings: Adam 1e-4, wd 1e-4, batch 8, K 150, noise 0.2."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"variant": "paper", "overrides": {}})
+    c.model = ml_collections.ConfigDict({"variant": "paper",
+                                         "overrides": {"dtype": "float32"}})
     c.data = ml_collections.ConfigDict({"name": "mvtec_ad/hazelnut", "split": "train",
                                         "root": None, "preset": "vtadl_mvtec",
                                         "image_size": None, "scale": None,

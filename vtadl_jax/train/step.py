@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vtadl_jax.kernels.ssim import ssim
 from vtadl_jax.models.mdn import fused_paper_nll, patch_nll
+from vtadl_jax.models.precision import at_least_float32
 from vtadl_jax.train.state import TrainState
 
 BATCH_AXIS = "batch"
@@ -72,12 +73,15 @@ def vtadl_losses(model: nn.Module, params, out: dict, images: jax.Array,
     Returns:
       dict of scalars: loss, nll, mse, ssim, ssim_term.
     """
-    z, recon = out["embeddings"], out["recon"]
+    # float32 whatever the model's compute dtype (bf16 mixed precision): the mixture
+    # likelihood, MSE and SSIM statistics are not computed in bfloat16.
+    z, recon = at_least_float32(out["embeddings"]), at_least_float32(out["recon"])
     if cfg.fused_head and model.mdn_head == "paper":
         nll_patch = fused_paper_nll(z, params["mdn"], k_chunk=cfg.k_chunk,
                                     scale_floor=model.scale_floor)
     else:
-        nll_patch = patch_nll(z, out["mixture"], head=model.mdn_head, k_chunk=cfg.k_chunk)
+        mixture = jax.tree.map(at_least_float32, out["mixture"])
+        nll_patch = patch_nll(z, mixture, head=model.mdn_head, k_chunk=cfg.k_chunk)
     if cfg.nll_reduction == "sum":
         nll = jnp.mean(jnp.sum(nll_patch, axis=-1))
     elif cfg.nll_reduction == "mean":
