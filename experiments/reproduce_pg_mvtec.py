@@ -7,6 +7,8 @@ per MVTec AD category.
 Without MVTEC_AD_ROOT the runner says so and runs the same pipeline on the generated
 MVTec-layout set (categories "texture" and "object"); without CONTNET_B_WEIGHTS it uses
 ImageNet EfficientNet-Lite0 (the offline backbone) and says so in the table title.
+A root holding only some categories runs those and lists the missing ones in the notes
+(none present: exit status 2).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import runner  # noqa: E402
 from experiments.reproduce_pg_mnist import model_fit_seconds  # noqa: E402
 from vtadl_jax.configs import apply_overrides, load_config  # noqa: E402
-from vtadl_jax.data import MVTEC_CATEGORIES, make_synthetic_mvtec  # noqa: E402
+from vtadl_jax.data import make_synthetic_mvtec  # noqa: E402
 from vtadl_jax.pipelines import patch_gaussian as pipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +40,8 @@ def plan(out: str, categories: list[str] | None) -> tuple[list[tuple[str, list[s
         notes.append("CONTNET_B_WEIGHTS not set: ConTNet-B weights cannot be downloaded here; "
                      "ran on ImageNet EfficientNet-Lite0 (blocks 3+5) instead.")
     if root:
-        cats = categories or list(MVTEC_CATEGORIES)
-        return [(c, [f"data.root={root}"] + backbone) for c in cats], notes
+        cats, missing = runner.mvtec_categories(root, categories)
+        return [(c, [f"data.root={root}"] + backbone) for c in cats], notes + missing
     notes.append(runner.missing_dataset_note("MVTec AD", "MVTEC_AD_ROOT", "mvtec_anomaly_detection"))
     syn = os.path.join(out, "synthetic")
     if not os.path.isdir(syn):
