@@ -160,17 +160,23 @@ def run_fit(feats: dict, size: int, stages, subset: int, eps: float) -> dict:
 
 
 def main(argv=None) -> None:
-    args = runner.parse_args(__doc__.split("\n")[0], lambda p: p.add_argument(
-        "--root", default=default_root(), help="MVTec AD root holding bottle/"), argv)
+    args = runner.parse_args(__doc__.split("\n")[0], lambda p: (
+        p.add_argument("--root", default=default_root(), help="MVTec AD root holding bottle/"),
+        p.add_argument("--report-only", action="store_true",
+                       help="only tabulate/plot the finished units; list the fits not run")),
+        argv)
     if not args.root or not os.path.isdir(os.path.join(args.root, "bottle")):
         sys.exit(f"error: no MVTec AD bottle under --root {args.root!r}: expected "
                  "<root>/bottle/train/good (set MVTEC_AD_ROOT or pass --root)")
     work = os.path.join(args.out, "work")
-    rows, feats, feats_size = [], None, None
+    rows, feats, feats_size, not_run = [], None, None, []
     for size, stages, subset, eps in tqdm(plan(), desc="sweep (fits)", unit="fit"):
         keys = {s: unit_key(size, stages, subset, eps, s) for s in SIGMAS}
         todo = args.fresh or not all(
             os.path.isfile(os.path.join(args.out, "runs", k + ".json")) for k in keys.values())
+        if todo and args.report_only:
+            not_run.append(unit_key(size, stages, subset, eps, 0).removesuffix("_sig0"))
+            continue
         results = None
         if todo:
             if feats_size != size:
@@ -178,10 +184,10 @@ def main(argv=None) -> None:
             results = run_fit(feats, size, stages, subset, eps)
         for sigma, key in keys.items():
             rows.append(runner.cached(args.out, key, lambda s=sigma: results[s], fresh=todo))
-    write_outputs(args.out, rows)
+    write_outputs(args.out, rows, not_run)
 
 
-def write_outputs(out: str, rows: list[dict]) -> None:
+def write_outputs(out: str, rows: list[dict], not_run: list[str] = ()) -> None:
     from experiments.sweep_pg_bottle_report import save_sweep_plots
 
     cols = ["size", "stages", "channels", "eps", "blur_sigma", *METRICS, "fit_seconds",
@@ -195,7 +201,9 @@ def write_outputs(out: str, rows: list[dict]) -> None:
                                "tuned on bottle's test set (the only real category here): "
                                "the best rows are optimistic for bottle",
                                "fit_seconds: backbone over the 209 training images + fit; "
-                               "score_ms_per_image: backbone + Mahalanobis + up-sampling + blur"])
+                               "score_ms_per_image: backbone + Mahalanobis + up-sampling + blur",
+                               *([f"planned fits not run (time): {', '.join(not_run)}"]
+                                 if not_run else [])])
     save_sweep_plots(out, rows)
 
 

@@ -41,7 +41,8 @@ def _line_panels(path: str, rows, select, x_key: str, xlabel: str, title: str,
         if log_x:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
+    if axes[0].lines:
+        axes[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
