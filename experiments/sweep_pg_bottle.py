@@ -201,7 +201,9 @@ def write_outputs(out: str, rows: list[dict], not_run: list[str] = ()) -> None:
                                "tuned on bottle's test set (the only real category here): "
                                "the best rows are optimistic for bottle",
                                "fit_seconds: backbone over the 209 training images + fit; "
-                               "score_ms_per_image: backbone + Mahalanobis + up-sampling + blur",
+                               "score_ms_per_image: backbone + Mahalanobis + up-sampling + blur; "
+                               "wall times on a 2-core CPU shared with other jobs (load average "
+                               "13-23 during this sweep): rough, not a benchmark",
                                *([f"planned fits not run (time): {', '.join(not_run)}"]
                                  if not_run else [])])
     save_sweep_plots(out, rows)
