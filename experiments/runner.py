@@ -103,6 +103,27 @@ def missing_dataset_note(name: str, env_var: str, layout: str) -> str:
             "MVTec-layout set instead, to prove the machinery end to end.")
 
 
+def mvtec_categories(root: str, categories: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The requested (default: all 15) MVTec AD categories present under `root`, and notes.
+
+    A root holding only some categories runs those and notes the missing ones; none
+    present (or a bad root/category name) exits with status 2 and one message.
+    """
+    from vtadl_jax.data import DatasetError, mvtec_categories_present
+
+    try:
+        present, missing = mvtec_categories_present(root, categories)
+    except DatasetError as err:
+        print(f"error: MVTEC_AD_ROOT={root}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    notes = []
+    if missing:
+        notes.append(f"MVTec AD categories not found under {root} (not run): "
+                     f"{', '.join(missing)}")
+        print(f"note: {notes[-1]}")
+    return present, notes
+
+
 def save_bars(path: str, labels: list[str], values: list[float], *, reference: float | None,
               reference_label: str, ylabel: str, title: str) -> str:
     """A small bar chart (one bar per unit) with an optional horizontal reference line."""

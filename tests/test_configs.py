@@ -141,3 +141,25 @@ def test_file_that_is_not_python(tmp_path):
     path.write_text("seed: 1\n")
     with pytest.raises(ValueError, match="config.yaml"):
         load_config(str(path))
+
+
+def test_recommended_patch_gaussian_config(monkeypatch):
+    """The recommended config is the shipped MVTec one on the offline backbone with the
+    sweep's values, and its knobs reach the fitted model's spec."""
+    from vtadl_jax.models.backbones.registry import load_backbone
+    from vtadl_jax.pipelines.patch_gaussian import spec_from_config
+
+    monkeypatch.setenv("MVTEC_AD_ROOT", "/data/mvtec")
+    monkeypatch.delenv("CONTNET_B_WEIGHTS", raising=False)
+    path = os.path.join(REPO, "experiments", "configs", "patch_gaussian_recommended.py")
+    config = load_config(path + ":bottle")
+    shipped = load_config(os.path.join(REPO, "experiments", "configs",
+                                       "patch_gaussian_mvtec.py:bottle"))
+    assert config.data.name == "mvtec_ad/bottle" and config.data.root == "/data/mvtec"
+    assert config.backbone.name == "efficientnet_lite0" and config.backbone.weights is None
+    assert config.gaussian.eps > shipped.gaussian.eps
+    assert config.gaussian.blur_sigma < shipped.gaussian.blur_sigma
+    config.data.image_size = 64  # small probe; the spec takes the rest from the config
+    spec = spec_from_config(config, load_backbone("efficientnet_lite0", "random"))
+    assert spec.eps == config.gaussian.eps and spec.blur_sigma == config.gaussian.blur_sigma
+    assert spec.stages == tuple(config.backbone.stages) and spec.input_size == 64

@@ -179,3 +179,22 @@ def test_folder_same_stem_masks_and_optional_masks(tmp_path: Path) -> None:
     assert by_defect["dent"].mask == root / "ground_truth" / "dent" / "c.png"
     assert by_defect["odd"].mask is None and by_defect["odd"].label == 1
     verify_records(splits["test"])
+
+
+def test_mvtec_categories_present(tmp_path):
+    from vtadl_jax.data import DatasetError, MissingDataError, mvtec_categories_present
+
+    (tmp_path / "bottle" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "cable" / "test").mkdir(parents=True)  # no train/good: not a category here
+    present, missing = mvtec_categories_present(tmp_path)
+    assert present == ["bottle"] and "cable" in missing and len(missing) == 14
+    assert mvtec_categories_present(tmp_path, ["screw", "bottle"]) == (["bottle"], ["screw"])
+    nested = tmp_path / "outer"
+    (nested / "mvtec_anomaly_detection" / "screw" / "train" / "good").mkdir(parents=True)
+    assert mvtec_categories_present(nested)[0] == ["screw"]
+    with pytest.raises(MissingDataError, match="train/good"):
+        mvtec_categories_present(tmp_path, ["screw"])
+    with pytest.raises(DatasetError, match="Unknown MVTec AD categories"):
+        mvtec_categories_present(tmp_path, ["bottel"])
+    with pytest.raises(MissingDataError, match="MVTec AD root folder"):
+        mvtec_categories_present(tmp_path / "nope")

@@ -63,3 +63,31 @@ def test_pg_mnist_runner(tmp_path, monkeypatch):
     assert int(row["train_images"]) == 64 and int(row["test_images"]) == 64
     assert os.path.getsize(os.path.join(out, "auroc_per_digit.png")) > 0
     _served_from_cache(monkeypatch, reproduce_pg_mnist.main, argv, out)
+
+
+def test_mvtec_runners_run_the_categories_present(tmp_path, monkeypatch, capsys):
+    """A root holding only some categories: those run, the rest are named in the notes;
+    a root holding none exits with status 2 and one message."""
+    from experiments import reproduce_vtadl_mvtec
+
+    root = tmp_path / "mvtec"
+    for cat in ("bottle", "screw"):
+        (root / cat / "train" / "good").mkdir(parents=True)
+    monkeypatch.setenv("MVTEC_AD_ROOT", str(root))
+    units, notes = reproduce_pg_mvtec.plan(str(tmp_path / "out"), None)
+    assert [u[0] for u in units] == ["bottle", "screw"]
+    missing_note = next(n for n in notes if "not found" in n)
+    assert "cable" in missing_note and "bottle" not in missing_note
+    units, notes, real = reproduce_vtadl_mvtec.plan(str(tmp_path / "out"), ["bottle", "cable"])
+    assert real and [u[0] for u in units] == ["bottle"]
+    assert any("cable" in n for n in notes)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("MVTEC_AD_ROOT", str(empty))
+    for plan in (lambda: reproduce_pg_mvtec.plan(str(tmp_path / "o"), None),
+                 lambda: reproduce_vtadl_mvtec.plan(str(tmp_path / "o"), None)):
+        with pytest.raises(SystemExit) as info:
+            plan()
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert str(empty) in err and "train/good" in err and "Traceback" not in err

@@ -119,3 +119,39 @@ def test_ablate_noise_smoke(tmp_path, capsys):
 def _tag() -> str:
     extra = sweep_k.parse_overrides(SMALL[1:])
     return "_".join(f"{k}{v}" for k, v in sorted(extra.items()))
+
+
+def test_bottle_sweep_fit_and_report_on_planted_features(tmp_path):
+    """sweep_pg_bottle.run_fit on small cached-feature arrays (no data, no backbone):
+    defects planted as shifted features at the masked positions are found, every sigma
+    gets a row, and the table and plots are written."""
+    import numpy as np
+
+    from experiments import sweep_pg_bottle
+
+    rng = np.random.default_rng(0)
+    n_train, n_test, size = 24, 8, 32
+    feats = {"train_seconds": 1.0, "test_seconds": 1.0}
+    for split, n in (("train", n_train), ("test", n_test)):
+        feats[f"{split}_block3"] = rng.normal(size=(n, 4, 4, 5)).astype(np.float32)
+        feats[f"{split}_block5"] = rng.normal(size=(n, 2, 2, 3)).astype(np.float32)
+        feats[f"{split}_label"] = np.zeros(n, np.int32)
+        feats[f"{split}_mask"] = np.zeros((n, size, size), np.uint8)
+    for i in range(n_test // 2):  # a defect in one grid cell (8 x 8 pixels) of each
+        r, c = i % 4, (i + 1) % 4
+        feats["test_block3"][i, r, c] += 6.0
+        feats["test_mask"][i, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 1
+        feats["test_label"][i] = 1
+    results = sweep_pg_bottle.run_fit(feats, size, ("block3", "block5"), 4, 0.01)
+    assert sorted(results) == sorted(sweep_pg_bottle.SIGMAS)
+    for sigma, r in results.items():
+        assert r["channels"] == 4 and r["blur_sigma"] == sigma and r["grid"] == [4, 4]
+        assert r["image_auroc"] == 1.0 and r["pixel_auroc"] > 0.8, (sigma, r)
+        assert 0.0 <= r["aupro"] <= 1.0 and r["fit_seconds"] > 1.0
+    rows = [{**r, "stages": list(r["stages"])} for r in results.values()]
+    sweep_pg_bottle.write_outputs(str(tmp_path), rows, ["s224_b3+b5_call_eps1"])
+    with open(tmp_path / "sweep.md") as f:
+        text = f.read()
+    assert "not run" in text and text.count("block3+block5") == len(rows)
+    for png in ("sigma.png", "eps.png", "subset.png"):
+        assert os.path.getsize(tmp_path / png) > 0, png

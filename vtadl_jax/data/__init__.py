@@ -7,8 +7,9 @@ from vtadl_jax.data.builders import Btad, Folder, FolderConfig, MvtecAd, folder_
 from vtadl_jax.data.errors import (DatasetError, ImageTooLargeError, InvalidImageError,
                                    InvalidMaskError, MissingDataError)
 from vtadl_jax.data.image_files import load_image, load_mask
-from vtadl_jax.data.layouts import (BTAD_PRODUCTS, MVTEC_CATEGORIES, Record, scan_btad,
-                                    scan_folder, scan_mvtec, verify_records)
+from vtadl_jax.data.layouts import (BTAD_PRODUCTS, MVTEC_CATEGORIES, Record,
+                                    mvtec_categories_present, scan_btad, scan_folder,
+                                    scan_mvtec, verify_records)
 from vtadl_jax.data.mnist import find_mnist_files, load_mnist, read_idx
 from vtadl_jax.data.mnist_builder import MnistOneClass, MnistOneClassConfig, mnist_config
 from vtadl_jax.data.pipeline import batches, load_arrays, make_source, num_batches
@@ -22,7 +23,7 @@ __all__ = [
     "MissingDataError",
     "load_image", "load_mask",
     "BTAD_PRODUCTS", "MVTEC_CATEGORIES", "Record", "scan_btad", "scan_folder", "scan_mvtec",
-    "verify_records",
+    "verify_records", "mvtec_categories_present",
     "find_mnist_files", "load_mnist", "read_idx",
     "MnistOneClass", "MnistOneClassConfig", "mnist_config",
     "batches", "load_arrays", "make_source", "num_batches",

@@ -27,7 +27,7 @@ from vtadl_jax.data.errors import DatasetError, MissingDataError
 from vtadl_jax.data.image_files import IMAGE_EXTENSIONS, image_size, load_image, load_mask
 
 __all__ = ["MVTEC_CATEGORIES", "BTAD_PRODUCTS", "Record", "scan_mvtec", "scan_btad",
-           "scan_folder", "verify_records"]
+           "scan_folder", "verify_records", "mvtec_categories_present"]
 
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut",
                     "leather", "metal_nut", "pill", "screw", "tile", "toothbrush",
@@ -180,6 +180,33 @@ def scan_mvtec(root: str | Path, category: str) -> dict[str, list[Record]]:
     return {"train": _train_records(base, "good"),
             "test": _test_records(base, "good", ("{stem}_mask",),
                                   required_kinds=("good",))}
+
+
+def mvtec_categories_present(root: str | Path, categories: tuple[str, ...] | list[str]
+                             | None = None) -> tuple[list[str], list[str]]:
+    """(present, missing) among `categories` (default: all 15) under an MVTec AD root.
+
+    A category is present when ``<root>/<category>/train/good`` is a folder (a root
+    holding only some categories, e.g. a partial download, is fine); the
+    ``mvtec_anomaly_detection/`` child accepted by the TFDS builder is looked into too.
+    Raises MissingDataError when `root` is not a folder or holds none of them, and
+    DatasetError for a name that is not an MVTec AD category.
+    """
+    base = _require_dir(Path(root).expanduser(), "MVTec AD root folder")
+    wanted = list(categories) if categories else list(MVTEC_CATEGORIES)
+    unknown = [c for c in wanted if c not in MVTEC_CATEGORIES]
+    if unknown:
+        raise DatasetError(f"Unknown MVTec AD categories {unknown}; expected some of "
+                           f"{MVTEC_CATEGORIES}")
+    if not any((base / c / "train" / "good").is_dir() for c in wanted) and (
+            base / "mvtec_anomaly_detection").is_dir():
+        base = base / "mvtec_anomaly_detection"
+    present = [c for c in wanted if (base / c / "train" / "good").is_dir()]
+    if not present:
+        raise MissingDataError(
+            f"No MVTec AD category folder in {base}: expected <root>/<category>/train/good "
+            f"for at least one of {wanted}")
+    return present, [c for c in wanted if c not in present]
 
 
 def scan_btad(root: str | Path, product: str) -> dict[str, list[Record]]:
