@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -212,18 +211,23 @@ def train_unit(out: str, config) -> tuple[str, dict]:
     from vtadl_jax.train import loop
 
     workdir = os.path.join(out, "work", training_key(config))
-    if os.path.isdir(workdir) and not os.path.isfile(os.path.join(workdir, "train_summary.json")):
-        shutil.rmtree(workdir)  # an interrupted run: start it again
     summary_path = os.path.join(workdir, "train_summary.json")
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             return workdir, json.load(f)
-    common.write_run(workdir, "vtadl", config)
     import time
 
+    # An interrupted training resumes from its latest checkpoint (exact resume); its
+    # train_seconds then count the resumed part only ("resumed": true).
+    ckpts = os.path.join(workdir, "checkpoints")
+    resumed = bool(os.path.isdir(ckpts) and os.listdir(ckpts))
+    config.resume = True
+    common.write_run(workdir, "vtadl", config)
+    train = memory_source(config, "train")
     start = time.perf_counter()
-    _, summary = loop.train(config, workdir, memory_source(config, "train"))
+    _, summary = loop.train(config, workdir, train)
     summary["train_seconds"] = time.perf_counter() - start
+    summary["resumed"] = resumed
     with open(summary_path, "w") as f:
         json.dump(summary, f)
     return workdir, summary
@@ -339,6 +343,15 @@ def run_ablation(args, notes: list[str]) -> None:
                                        curve_steps=(args.steps // 2,)),
                           fresh=args.fresh)
         rows += rows_of(r)
+    # The failing setting at this length: a checkpoint of the "long" section's run (same
+    # seed, batches and constant learning rate, so the same state as a run of --steps).
+    long_path = os.path.join(args.out, "runs",
+                             f"long_paper_s{args.long_steps}_seed{args.seed}.json")
+    if os.path.isfile(long_path):
+        with open(long_path) as f:
+            long = json.load(f)
+        rows = [r | {"unit": f"{long['unit']} @ {args.steps}", "factor": "none (failing setting)",
+                     "change": "-"} for r in rows_of(long) if r["at_step"] == args.steps] + rows
     rows.append({"unit": "paper (Mishra et al. 2021, 512 px, 400 epochs)", "scoring": "raw",
                  **PAPER_BOTTLE})
     runner.write_report(args.out, "table", rows, ROW_COLS,
@@ -349,19 +362,21 @@ def run_ablation(args, notes: list[str]) -> None:
 
 
 def run_long(args, notes: list[str]) -> None:
-    """The failing and the fixed setting trained --long-steps, scored every 500 steps."""
+    """The failing setting and the others of vtadl_bottle.py trained --long-steps, scored
+    every 500 steps (raw and per-position-normalised patch NLL)."""
     rows = []
-    for setting in ("paper", "fixed"):
+    for setting in args.long_settings:
         config = make_config(setting, {}, {}, steps=args.long_steps, seed=args.seed, every=500)
         key = f"long_{setting}_s{config.num_steps}_seed{args.seed}"
-        change = ("vtadl_bottle.py:paper" if setting == "paper" else
-                  "vtadl_bottle.py:fixed (scale_floor=1.0 density_stop_gradient=True)")
+
+        change = " ".join(f"{k}={v}" for k, v in setting_changes(setting).items()) or "-"
+        change = f"vtadl_bottle.py:{setting} ({change})"
         r = runner.cached(args.out, key, lambda c=config, key=key, ch=change: quality_unit(
             args.out, key, c, factor="training length", change=ch, variants=VARIANTS,
             overlays=True, curve_steps=tuple(range(500, c.num_steps, 500))), fresh=args.fresh)
         rows += rows_of(r)
     runner.write_report(args.out, "long", rows, ROW_COLS,
-                        title="VT-ADL on real bottle: the paper head vs the fixed setting over "
+                        title="VT-ADL on real bottle: the settings of vtadl_bottle.py over "
                               "training (checkpoints every 500 steps)", notes=notes)
     import matplotlib
 
@@ -407,6 +422,15 @@ def load_fixed_model() -> dict:
     from vtadl_jax.configs import load_config
 
     return dict(load_config(f"{CONFIG}:fixed").model.overrides)
+
+
+def setting_changes(setting: str) -> dict:
+    """The model overrides of a vtadl_bottle.py setting beyond the shared model."""
+    from vtadl_jax.configs import load_config
+
+    base = load_config(f"{CONFIG}:paper").model.overrides
+    over = load_config(f"{CONFIG}:{setting}").model.overrides
+    return {k: v for k, v in dict(over).items() if dict(base).get(k) != v}
 
 
 def run_target(args, notes: list[str]) -> None:
@@ -487,6 +511,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sections", nargs="+", default=["ablation", "long", "target", "noise", "k"],
                    choices=["ablation", "long", "target", "noise", "k"])
     p.add_argument("--long-steps", type=int, default=1500)
+    p.add_argument("--long-settings", nargs="+", default=["paper", "floor_stopgrad"])
     p.add_argument("--units", nargs="*", default=None, choices=list(ABLATION),
                    help="ablation units (default all, in table order)")
     p.add_argument("--steps", type=int, default=600, help="steps per ablation/noise/K unit")
