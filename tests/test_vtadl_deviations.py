@@ -115,3 +115,28 @@ def test_per_position_normalisation_errors(tiny):
         predict(model, variables, x, nll_normalization="per_position")
     with pytest.raises(ValueError, match="nll_normalization"):
         predict(model, variables, x, nll_normalization="global")
+
+
+def test_bottle_config_settings():
+    """experiments/configs/vtadl_bottle.py: "paper" is the paper's behaviour (every
+    deviation off), the others differ only by named options."""
+    import os
+
+    from vtadl_jax.configs import load_config
+    from vtadl_jax.pipelines.vtadl import scoring_options
+    from vtadl_jax.train.loop import build_model
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "configs", "vtadl_bottle.py")
+    paper = load_config(path + ":paper")
+    model = build_model(paper)
+    assert model.mdn_head == "paper" and model.scale_floor == 1e-3
+    assert not model.density_stop_gradient and model.noise_std == 0.2
+    assert scoring_options(paper).get("nll_normalization", "none") == "none"
+    fixed = load_config(path)  # default setting
+    assert scoring_options(fixed)["nll_normalization"] == "per_position"
+    assert build_model(fixed) == model  # the recorded setting keeps the paper's model
+    floor = build_model(load_config(path + ":floor_stopgrad"))
+    assert floor.scale_floor == 1.0 and floor.density_stop_gradient
+    with pytest.raises(ValueError, match="arg must be one of"):
+        load_config(path + ":nope")

@@ -15,9 +15,11 @@ arg (a setting; default "fixed"):
   "floor_stopgrad" model.overrides scale_floor=1.0 and density_stop_gradient=True,
                    scoring.nll_normalization="per_position": prevents the collapse but
                    the NLL no longer shapes the encoder and the maps are weak (measured).
-  "fixed"          the recorded setting: see FIXED below; it departs from the paper only
-                   by the named options listed there, each documented where it is
-                   defined (models/vtadl.py, models/mdn.py, methods/vtadl_scoring.py).
+  "fixed"          the recorded setting: the paper's model, head and loss, 1000 steps
+                   (the paper head's NLL collapses later), and one named test-time
+                   deviation, scoring.nll_normalization="per_position" (the patch NLL
+                   standardised by its per-grid-position mean/std over the training
+                   images; methods/vtadl_scoring.py).
 Measured figures: experiments/results/mvtec_bottle/vtadl/ (ablate_vtadl_bottle.py).
 """
 from __future__ import annotations
