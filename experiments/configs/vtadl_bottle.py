@@ -20,6 +20,8 @@ arg (a setting; default "fixed"):
                    deviation, scoring.nll_normalization="per_position" (the patch NLL
                    standardised by its per-grid-position mean/std over the training
                    images; methods/vtadl_scoring.py).
+model.overrides.scale_floor=1.0 alone (std >= 1, the analogue of the code's variance >= 1)
+also prevents the collapse: pixel/image AUROC 0.874/0.972 raw at 1000 steps (ablation).
 Measured figures: experiments/results/mvtec_bottle/vtadl/ (ablate_vtadl_bottle.py).
 """
 from __future__ import annotations
