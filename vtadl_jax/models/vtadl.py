@@ -21,6 +21,14 @@ statistics and the attention softmax are computed in float32, and the outputs
 (``models.precision``), so the MDN likelihood, SSIM and the losses are float32
 whatever the compute dtype. ``dtype="float32"`` casts nothing.
 
+``density_stop_gradient=True`` (a DEVIATION from paper and code, default False): the
+density head sees, and the NLL is computed on, ``stop_gradient(z)``, so the NLL trains
+the head only and the encoder is trained by the reconstruction terms alone. Without it
+the encoder can lower the NLL without bound by shrinking (collapsing) its embeddings
+onto the narrow components the head learns; on real MVTec AD bottle this makes the
+patch NLL a function of grid position rather than of content
+(experiments/ablate_vtadl_bottle.py measures the effect).
+
 Noise is drawn per example: the key of example i is fold_in(make_rng("noise"), id_i)
 with ``example_ids`` the global example indices, so that a data-parallel run gives
 the same noise as a single-device run of the same global batch.
@@ -76,7 +84,10 @@ class VTADL(nn.Module):
       decoder_width, decoder_num_up: ``SmallDecoder`` settings.
       num_components: K mixture components.
       mdn_head: "paper" or "vtadl_code" (see ``models.mdn``).
-      scale_floor: floor of the paper head's scales.
+      scale_floor: floor of the paper head's scales (1e-3; 1.0 is a deviation that
+        bounds the NLL below, the analogue of the code's variance >= 1).
+      density_stop_gradient: the density head and NLL see stop_gradient(z) (deviation,
+        see the module docstring); default False (paper and code).
       noise_std: std of the training noise on z (0 disables).
       bn_axis_name: device axis over which BatchNorm statistics are averaged in training.
       dtype: compute dtype, "float32" or "bfloat16" (see the module docstring).
@@ -98,6 +109,7 @@ class VTADL(nn.Module):
     num_components: int = 150
     mdn_head: Literal["paper", "vtadl_code"] = "paper"
     scale_floor: float = 1e-3
+    density_stop_gradient: bool = False
     noise_std: float = 0.2
     bn_axis_name: str | None = None
     dtype: str = "float32"
@@ -142,7 +154,8 @@ class VTADL(nn.Module):
                  example_ids: jax.Array | None = None) -> dict[str, Any]:
         """images (B, H, W, C) -> dict(embeddings (B, N, D) (noisy in training),
         recon (B, H, W, C), mixture: MixtureParams with leading (B, N)), all float32
-        (or wider) whatever the compute dtype."""
+        (or wider) whatever the compute dtype; "embeddings" are the density's target
+        (stop-gradiented with ``density_stop_gradient``)."""
         if images.shape[1:] != (*self.image_size, self.channels):
             raise ValueError(f"images: shape {images.shape} does not match the model's "
                              f"(B, {self.image_size[0]}, {self.image_size[1]}, {self.channels})")
@@ -153,6 +166,8 @@ class VTADL(nn.Module):
         if recon.shape != images.shape:
             raise ValueError(f"decoder output {recon.shape} != input {images.shape}; "
                              "the 'vtadl_code' decoder needs 512x512x3 images")
+        if self.density_stop_gradient:
+            z = jax.lax.stop_gradient(z)
         return {"embeddings": at_least_float32(z), "recon": at_least_float32(recon),
                 "mixture": self.mdn(z)}
 

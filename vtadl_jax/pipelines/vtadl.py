@@ -53,16 +53,35 @@ def scoring_options(config: ml_collections.ConfigDict) -> dict:
     return options
 
 
-def make_predict(workdir: str, config: ml_collections.ConfigDict, batch_size: int = 32):
-    """images from the data source -> (maps (B, H, W), scores (B,))."""
-    model, variables, _ = loop.load_trained(workdir)
+def training_position_stats(model, variables, config: ml_collections.ConfigDict,
+                            batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position patch-NLL mean/std over the training split (for
+    ``scoring.nll_normalization="per_position"``)."""
+    source = common.make_source(config.data, "train")
+    images = np.stack([source[i]["image"] for i in range(len(source))]).astype(np.float32)
+    images = loop.rescale_images(images, config.data.get("source_range", "[-1,1]"),
+                                 config.get("input_range", "[-1,1]"))
+    return vtadl_scoring.position_statistics(model, variables, images, batch_size=batch_size,
+                                             k_chunk=config.loss.get("k_chunk", None))
+
+
+def make_predict(workdir: str, config: ml_collections.ConfigDict, batch_size: int = 32,
+                 step: int | None = None):
+    """images from the data source -> (maps (B, H, W), scores (B,)).
+
+    step: the checkpoint to score (default the latest)."""
+    model, variables, _ = loop.load_trained(workdir, step)
     options = scoring_options(config)
     source_range = config.data.get("source_range", "[-1,1]")
     input_range = config.get("input_range", "[-1,1]")
+    stats = None
+    if options.get("nll_normalization", "none") == "per_position":
+        stats = training_position_stats(model, variables, config, batch_size)
 
     def predict(images: np.ndarray):
         x = loop.rescale_images(np.asarray(images, np.float32), source_range, input_range)
-        out = vtadl_scoring.predict(model, variables, x, batch_size=batch_size, **options)
+        out = vtadl_scoring.predict(model, variables, x, batch_size=batch_size,
+                                    position_stats=stats, **options)
         return out["anomaly_map"], out["image_score"]
 
     return predict
