@@ -28,8 +28,9 @@ from vtadl_jax.models.vtadl import VTADL
 OVERRIDABLE = ("image_size", "channels", "patch_size", "dim", "depth", "num_heads", "mlp_dim",
                "attn_scale", "projection", "recon_dim", "decoder", "decoder_width",
                "decoder_num_up", "num_components", "mdn_head", "scale_floor", "noise_std")
-CHOICES = {name: typing.get_args(VTADL.__annotations__[name]) for name in OVERRIDABLE
-           if typing.get_origin(VTADL.__annotations__[name]) is typing.Literal}
+_HINTS = typing.get_type_hints(VTADL)
+CHOICES = {name: typing.get_args(_HINTS[name]) for name in OVERRIDABLE
+           if typing.get_origin(_HINTS[name]) is typing.Literal}
 _CODE_DECODER = dict(recon_dim=512, image_size=(512, 512), channels=3)  # VTADLCodeDecoder
 
 VARIANTS: dict[str, dict[str, Any]] = {
