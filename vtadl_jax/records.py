@@ -40,7 +40,7 @@ def ensure_writable(directory: str, what: str = "output directory") -> str:
     except OSError as err:
         error = type(err)(f"{what} {path} is not writable ({err.strerror or err}); expected a "
                           "directory where files can be created")
-        error.errno, error.filename = err.errno, path
+        error.errno = err.errno  # (no filename: str() would drop the message)
         raise error from None
     return path
 
