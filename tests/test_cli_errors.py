@@ -37,7 +37,8 @@ def stub_train(monkeypatch):
     """loop.train -> records its config, writes config.json like the loop, trains nothing."""
     calls = []
 
-    def fake_train(config, workdir, source=None, **kwargs):
+    def fake_train(config, workdir, source=None, *, before_write=None, **kwargs):
+        before_write()
         calls.append(config.to_dict())
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort())

@@ -53,12 +53,15 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     source = common.make_source(config.data, "train")
     check_training_data(config, source)
     records.ensure_writable(workdir, "work directory")
-    if replaced is not None:
-        print(f"config changed on resume; previous one kept in "
-              f"{resume_lib.archive_config(workdir, *replaced)}")
-    common.write_run(workdir, METHOD, config)
+
+    def record_run():  # once the resume point is restored: a failed resume changes nothing
+        if replaced is not None:
+            print(f"config changed on resume; previous one kept in "
+                  f"{resume_lib.archive_config(workdir, *replaced)}")
+        common.write_run(workdir, METHOD, config)
+
     start = time.perf_counter()
-    state, summary = loop.train(config, workdir, source)
+    state, summary = loop.train(config, workdir, source, before_write=record_run)
     summary["train_seconds"] = time.perf_counter() - start
     records.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
     print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")

@@ -140,8 +140,8 @@ def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
           batch_iterator: BatchIteratorFn | None = None,
-          eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
-          ) -> tuple[TrainState, dict]:
+          eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
+          before_write: Callable[[], None] | None = None) -> tuple[TrainState, dict]:
     """Train VT-ADL; return (final state, summary dict).
 
     Args:
@@ -154,6 +154,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
         ``start_step`` for exact resumption.
       eval_fn: optional ``state -> metrics`` run at every checkpoint; its keys may be
         used as ``config.checkpoint.best_metric``.
+      before_write: optional, called once the checkpoint to resume from is restored
+        and metrics.jsonl is checked, before config.json is written (the pipeline
+        writes its run record there, so a resume that fails changes no record).
     """
     maybe_initialize_distributed(config)
     check_vtadl_config(config)
@@ -165,23 +168,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
     image_shape = (*model.image_size, model.channels)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     c = config.checkpoint
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=c.keep,
                                 keep_best=c.keep_best, best_metric=c.best_metric,
                                 best_mode=c.best_mode, async_save=c.get("async_save", True))
     state = replicate(create_train_state(model, tx, config.seed, image_shape), mesh)
-    if config.get("resume", True) and manager.latest_step() is not None:
-        state, _, damaged = ckpt.restore_newest_intact(manager, state)
-        if damaged and is_main:  # out of the way (kept), so these steps can be saved again
-            ckpt.quarantine(manager, damaged)
-    start = int(jax.device_get(state.step))
+    damaged: list[int] = []
     log_path = os.path.join(workdir, "metrics.jsonl")
+    try:
+        if config.get("resume", True) and manager.latest_step() is not None:
+            state, _, damaged = ckpt.restore_newest_intact(manager, state)
+        start = int(jax.device_get(state.step))
+        if is_main:
+            _truncate_log(log_path, start)
+    except BaseException:
+        manager.close()
+        raise
+    if before_write is not None:
+        before_write()
     if is_main:
-        _truncate_log(log_path, start)
+        records.write_text_atomic(config.to_json_best_effort(indent=2),
+                                  os.path.join(workdir, "config.json"))
+        if damaged:  # out of the way (kept), so these steps can be saved again
+            ckpt.quarantine(manager, damaged)
     if batch_iterator is None:
         if train_source is None:
             raise ValueError("train: give train_source or batch_iterator")
