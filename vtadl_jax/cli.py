@@ -39,7 +39,7 @@ def _cmd_train(args) -> int:
     from vtadl_jax.configs import load_config
     from vtadl_jax.pipelines import vtadl as pipeline
 
-    config = load_config(args.config, args.overrides, pipeline.OPEN_CONFIG_SECTIONS)
+    config = load_config(args.config, args.overrides)
     pipeline.train_from_config(config, args.workdir, resume=args.resume,
                                allow_config_change=args.allow_config_change)
     return 0

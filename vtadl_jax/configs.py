@@ -8,9 +8,11 @@ names it). This is the big_vision / Flax-examples convention without absl flags.
 A config file is Python and is executed when loaded: never load an untrusted one.
 
 Open sections: a section whose keys are the fields of some class (e.g. `model.overrides`,
-the VTADL fields to change) may start empty. `open_sections` maps its dotted path to a
-function `config -> {field: current value}`; an override of a field listed there is
-parsed with the type of that current value (None: any Python literal) and added.
+the VTADL fields to change) may start empty. `register_open_section(path, fields_fn)`
+(done by vtadl_jax/train/config.py, which every VT-ADL config imports) or the
+`open_sections` argument maps its dotted path to `config -> {field: current value}`;
+an override of a field listed there is parsed with the type of that current value
+(None: any Python literal) and added.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ import ml_collections
 from vtadl_jax.errors import ConfigError, ConfigFieldError
 
 OpenSections = Mapping[str, Callable[[ml_collections.ConfigDict], Mapping[str, Any]]]
+_OPEN_SECTIONS: dict[str, Callable[[ml_collections.ConfigDict], Mapping[str, Any]]] = {}
+
+
+def register_open_section(path: str, fields_fn: Callable[[ml_collections.ConfigDict],
+                                                         Mapping[str, Any]]) -> None:
+    """Let overrides add fields to the section at dotted `path` (see the module doc)."""
+    _OPEN_SECTIONS[path] = fields_fn
 
 
 def _import_file(path: str):
@@ -114,6 +123,7 @@ def _section(config, parts, item):
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
                     open_sections: OpenSections | None = None) -> ml_collections.ConfigDict:
     """Apply "dotted.key=value" strings to `config` in place (and return it)."""
+    open_sections = {**_OPEN_SECTIONS, **(open_sections or {})}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
@@ -125,7 +135,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
         leaf, section = parts[-1], ".".join(parts[:-1])
         if leaf in node:
             current = node[leaf]
-        elif open_sections and section in open_sections:
+        elif section in open_sections:
             fields = open_sections[section](config)
             if leaf not in fields:
                 raise ConfigFieldError(f"override {item!r}: {section} has no field {leaf!r}; "

@@ -21,14 +21,10 @@ import numpy as np
 from vtadl_jax import records
 from vtadl_jax.config_checks import check_training_data, check_vtadl_config
 from vtadl_jax.methods import vtadl_scoring
-from vtadl_jax.models import variants
 from vtadl_jax.pipelines import common, resume as resume_lib
 from vtadl_jax.train import loop
 
 METHOD = "vtadl"
-# `model.overrides` may start empty: each VTADL field is settable by a dotted override.
-OPEN_CONFIG_SECTIONS = {
-    "model.overrides": lambda config: variants.override_defaults(config.model.variant)}
 
 
 def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
