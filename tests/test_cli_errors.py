@@ -165,6 +165,18 @@ def test_fit_bad_value_exit_2_and_nothing_written(root, tmp_path, capsys, overri
     assert not workdir.exists()
 
 
+def test_fit_image_size_not_a_backbone_multiple(root, tmp_path, capsys):
+    from vtadl_jax.models.backbones.contnet import contnet_tiny
+
+    multiple = contnet_tiny().config.input_multiple
+    BAD_INPUTS.append("contnet image size")
+    rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(tmp_path / "pg"),
+                   f"data.root={root}", "backbone.name=contnet_tiny",
+                   f"data.image_size={multiple + 8}"])
+    _assert_user_error(capsys, rc, "data.image_size", f"multiple of {multiple}")
+    assert not (tmp_path / "pg").exists()
+
+
 def test_failed_check_then_corrected_run_is_not_blocked(root, tmp_path, capsys, stub_train):
     """Item 6: a refused run leaves no workdir; an empty or record-only workdir (run.json,
     config.json, an empty checkpoints/) does not block a fresh run."""
@@ -338,6 +350,42 @@ def test_fit_read_only_workdir(root, tmp_path, capsys, monkeypatch):
     rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(workdir),
                    f"data.root={root}", "data.backend=direct"])
     _assert_user_error(capsys, rc, str(workdir), "not writable")
+
+
+def test_other_methods_run_is_not_overwritten(root, tmp_path, capsys, stub_train):
+    for method, argv in (
+            ("patch_gaussian", _train(root, tmp_path / "w")),
+            ("vtadl", ["fit", "--config", PG + ":object", "--workdir", str(tmp_path / "w"),
+                       f"data.root={root}", "data.backend=direct"])):
+        BAD_INPUTS.append(f"{argv[0]} over a {method} run")
+        (tmp_path / "w").mkdir(exist_ok=True)
+        (tmp_path / "w" / "run.json").write_text(json.dumps({"method": method, "config": {}}))
+        before = _snapshot(tmp_path / "w")
+        _assert_user_error(capsys, cli.main(argv), str(tmp_path / "w"), repr(method))
+        assert _snapshot(tmp_path / "w") == before
+
+
+def test_evaluate_data_override_the_model_cannot_take(tmp_path, capsys, monkeypatch):
+    _fake_vtadl_run(str(tmp_path))
+    monkeypatch.setattr(vtadl_pipeline, "make_predict",
+                        lambda *a, **k: pytest.fail("scored a size the model cannot take"))
+    for override, needle in (("image_size=30", "data.image_size=30"),
+                             ("data.image_size=abc", "data.image_size: expected an int")):
+        BAD_INPUTS.append("evaluate " + override)
+        _assert_user_error(capsys, cli.main(["evaluate", "--workdir", str(tmp_path), override]),
+                           needle)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("argv", [["make-synthetic", "--out", "x", "--seed", "-1"],
+                                  ["make-synthetic", "--out", "x", "--image-size", "abc"],
+                                  ["evaluate", "--workdir", "w", "--overlays", "-1"]])
+def test_flag_values_named(argv, capsys):
+    BAD_INPUTS.append(" ".join(argv))
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert f"argument {argv[-2]}" in capsys.readouterr().err
 
 
 def test_damaged_run_record_is_named(tmp_path, capsys):

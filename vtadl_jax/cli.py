@@ -92,13 +92,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: an int >= 0 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtadl-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-synthetic", help="write a small generated MVTec-layout dataset")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count, default=0)
     p.add_argument("--image-size", type=int, default=128)
     p.set_defaults(func=_cmd_make_synthetic)
 
@@ -118,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics JSON and heatmap PNGs for a work directory")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--overlays", type=int, default=6, help="number of heatmap rows to draw")
+    p.add_argument("--overlays", type=_count, default=6, help="number of heatmap rows to draw")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the data config")
     p.set_defaults(func=_cmd_evaluate)
 

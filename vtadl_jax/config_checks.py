@@ -71,7 +71,6 @@ def check_vtadl_config(config: ml_collections.ConfigDict) -> None:
     """Every field the VT-ADL training loop reads (see vtadl_jax/train/config.py)."""
     import jax
 
-    from vtadl_jax.models import variants
     from vtadl_jax.train.step import LossConfig
 
     require_int(config, "seed", 0)
@@ -112,6 +111,14 @@ def check_vtadl_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(_get(config, "checkpoint.best_metric"), str):
         raise _fail("checkpoint.best_metric", "a metric name", config.checkpoint.best_metric)
 
+    check_model_and_data(config)
+
+
+def check_model_and_data(config: ml_collections.ConfigDict) -> None:
+    """`model.variant` / `model.overrides` build a model that takes `data.image_size`."""
+    from vtadl_jax.models import variants
+
+    require_int(config, "data.image_size", 1, optional=True)
     variant = _get(config, "model.variant")
     known = sorted(variants.VARIANTS) + sorted(f"vtadl-{k}" for k in variants.VARIANTS)
     if variant not in known:
@@ -148,13 +155,18 @@ def check_training_data(config: ml_collections.ConfigDict, source) -> None:
 
 def check_patch_gaussian_config(config: ml_collections.ConfigDict) -> None:
     """Every field `vtadl-jax fit` reads (see experiments/configs/patch_gaussian_common.py)."""
-    from vtadl_jax.models.backbones.registry import BACKBONES
+    from vtadl_jax.models.backbones.registry import BACKBONES, build_module
 
     require_int(config, "seed", 0)
     require_int(config, "batch_size", 1)
     require_int(config, "data.image_size", 1)
     require_int(config, "data.max_examples", 1, optional=True)
     require_choice(config, "backbone.name", BACKBONES)
+    module = build_module(config.backbone.name)  # no weights: cheap
+    multiple = int(getattr(getattr(module, "config", None), "input_multiple", 1) or 1)
+    if config.data.image_size % multiple:
+        raise ConfigError(f"data.image_size: backbone {config.backbone.name!r} expected a "
+                          f"multiple of {multiple}, got {config.data.image_size}")
     stages = _get(config, "backbone.stages")
     if not (isinstance(stages, (tuple, list)) and stages and all(isinstance(s, str) for s in stages)):
         raise _fail("backbone.stages", "a non-empty tuple of stage names", stages)

@@ -27,7 +27,7 @@ from vtadl_jax.config_checks import check_patch_gaussian_config
 from vtadl_jax.methods import patch_gaussian as pg
 from vtadl_jax.models.backbones.registry import (Backbone, from_variables, load_backbone,
                                                   module_config_of)
-from vtadl_jax.pipelines import common
+from vtadl_jax.pipelines import common, resume as resume_lib
 
 METHOD = "patch_gaussian"
 
@@ -66,6 +66,7 @@ def _to_rgb01(images: np.ndarray) -> np.ndarray:
 def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel:
     """Extract features of the normal training images, fit, save to `workdir`."""
     check_patch_gaussian_config(config)
+    resume_lib.check_method(workdir, METHOD)
     records.ensure_writable(workdir, "work directory")
     backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
                              seed=config.seed)

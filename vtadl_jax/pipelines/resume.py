@@ -52,6 +52,23 @@ def recorded_config(workdir: str) -> tuple[str, dict] | None:
     return None
 
 
+def check_method(workdir: str, method: str) -> None:
+    """Refuse to write a run of `method` over another method's run in `workdir`."""
+    path = os.path.join(workdir, "run.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("method")
+    except (ValueError, AttributeError) as err:
+        raise RunRecordError(f"{path}: damaged run record ({err}); expected the JSON "
+                             "written by `vtadl-jax train` or `fit`") from None
+    if recorded != method:
+        raise FileExistsError(f"{workdir} holds a {recorded!r} run ({path}); expected an "
+                              f"empty directory or a {method!r} run: choose another --workdir "
+                              "(nothing was overwritten)")
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from vtadl_jax import records
-from vtadl_jax.config_checks import check_training_data, check_vtadl_config
+from vtadl_jax.config_checks import (check_model_and_data, check_training_data,
+                                     check_vtadl_config)
 from vtadl_jax.methods import vtadl_scoring
 from vtadl_jax.pipelines import common, resume as resume_lib
 from vtadl_jax.train import loop
@@ -38,6 +39,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     (see pipelines/resume.py).
     """
     check_vtadl_config(config)
+    resume_lib.check_method(workdir, METHOD)
     has_checkpoints = bool(resume_lib.checkpoint_steps(workdir))
     if not resume and has_checkpoints:
         raise FileExistsError(
@@ -95,6 +97,7 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
 
     _, config = common.read_run(workdir)
     apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
+    check_model_and_data(config)  # e.g. a data.image_size override the model cannot take
     records.ensure_writable(os.path.join(workdir, "eval"), "evaluation directory")
     source = common.make_source(config.data, "test")
     batch_size = max(1, int(config.get("eval_batch_size", 32)))
