@@ -18,6 +18,7 @@ import pytest
 from vtadl_jax import cli
 from vtadl_jax.data import make_synthetic_mvtec
 from vtadl_jax.errors import CheckpointError, RunRecordError
+from vtadl_jax.pipelines import resume as resume_lib
 from vtadl_jax.train import checkpoint as ckpt
 from vtadl_jax.train import loop
 from vtadl_jax.train.state import TrainState
@@ -211,7 +212,8 @@ def _params(workdir):
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_resume_after_damage_equals_uninterrupted(data_root, tmp_path_factory, capsys, damage):
-    """End to end: train 3 steps; damage step 3 (and tear metrics.jsonl's last line);
+    """End to end: train 3 steps; damage step 3 (tear metrics.jsonl's last line, leave a
+    half-written step 4 under orbax's temporary name);
     `--resume` warns, moves step 3 aside, retrains it from step 2: same parameters and
     losses as the uninterrupted run. With every step damaged: exit 2, nothing changed."""
     base = tmp_path_factory.getbasetemp() / "resume_e2e"
@@ -224,6 +226,12 @@ def test_resume_after_damage_equals_uninterrupted(data_root, tmp_path_factory, c
     _truncate(DAMAGE[damage](str(workdir / "checkpoints" / "3")))
     log = workdir / "metrics.jsonl"
     log.write_text(log.read_text()[:-20])  # a torn last line (step 3)
+    # A save of step 4 killed mid-write (orbax writes into a temporary name, renamed when
+    # complete): never loaded, never counted.
+    partial = workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(workdir / "checkpoints" / "2", partial)
+    (partial / "state" / "_METADATA").unlink()
+    assert resume_lib.checkpoint_steps(str(workdir)) == [1, 2, 3]
     assert cli.main(_train_argv(data_root, workdir, "num_steps=3", "--resume")) == 0
     err = capsys.readouterr().err
     assert str(workdir / "checkpoints" / "3") in err and "restored step 2" in err
