@@ -109,7 +109,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
 
 
 def archive_config(workdir: str, previous: dict, changes: dict) -> str:
-    """Keep the replaced config in `workdir`/config_history/ (never overwritten)."""
+    """Keep the replaced config in `workdir`/config_history/ (never overwritten), named
+    by a counter and the newest checkpoint step on disk when it was replaced."""
     directory = os.path.join(workdir, HISTORY_DIR)
     steps = checkpoint_steps(workdir)
     index = len(os.listdir(directory)) if os.path.isdir(directory) else 0

@@ -41,6 +41,7 @@ def _warn(message: str) -> None:
 def _summary(err: BaseException) -> str:
     """First line of an error (tensorstore messages run to pages), at most 300 chars."""
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = text.split(" See full TensorStore details")[0]  # then a repr of a bound method
     return f"{type(err).__name__}: {text[:300]}"
 
 
