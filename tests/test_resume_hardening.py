@@ -128,6 +128,13 @@ def test_torn_last_metrics_line_is_dropped(tmp_path, capsys):
     assert path in err and "line 4" in err and "torn" in err
 
 
+def test_fresh_run_clears_even_a_damaged_log(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    _log(path, [ROWS[0], "garbage\n", ROWS[2]])
+    loop._truncate_log(path, 0)
+    assert open(path).read() == ""
+
+
 @pytest.mark.parametrize("bad_line", ['{"step": 2, "loss": 0.5', "garbage\n", '{"loss": 1}\n',
                                       "[1, 2]\n"])
 def test_damaged_metrics_line_elsewhere_is_named(tmp_path, bad_line):

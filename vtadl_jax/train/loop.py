@@ -95,8 +95,8 @@ def default_batch_iterator(config: ml_collections.ConfigDict, source) -> BatchIt
     return make
 
 
-def _read_log(path: str) -> list[str]:
-    """The lines of ``metrics.jsonl``; a torn last line (a crash mid-write) is dropped with
+def _read_log(path: str) -> list[tuple[int, str]]:
+    """(step, line) of each record of ``metrics.jsonl``; a torn last line (a crash mid-write) is dropped with
     a warning, a damaged line elsewhere is a ``RunRecordError`` naming file and line."""
     with open(path) as f:
         lines = f.readlines()
@@ -123,6 +123,9 @@ def _read_log(path: str) -> list[str]:
 def _truncate_log(path: str, last_step: int) -> None:
     """Drop log lines of steps after ``last_step`` (left by a run that died after them)."""
     if not os.path.exists(path):
+        return
+    if last_step == 0:  # a fresh run: the old log (damaged or not) is not continued
+        records.write_text_atomic("", path)
         return
     rows = _read_log(path)
     records.write_text_atomic("".join(line for step, line in rows if step <= last_step), path)
