@@ -21,7 +21,6 @@ from vtadl_jax.train import loop
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "configs", "vtadl_tiny.py")
 PG = os.path.join(REPO, "experiments", "configs", "patch_gaussian_synthetic.py")
-BAD_INPUTS = []  # every bad input tried in this file (counted in test_count_bad_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,6 @@ TRAIN_BAD = [
                          ids=[c[0] for c in TRAIN_BAD])
 def test_train_bad_value_exit_2_and_nothing_written(root, tmp_path, capsys, stub_train,
                                                     override, needles):
-    BAD_INPUTS.append(override)
     workdir = tmp_path / "run"
     rc = cli.main(_train(root, workdir, override))
     _assert_user_error(capsys, rc, *needles)
@@ -157,7 +155,6 @@ FIT_BAD = [
 @pytest.mark.parametrize("override, needles", [(c[0], c[1:]) for c in FIT_BAD],
                          ids=[c[0] for c in FIT_BAD])
 def test_fit_bad_value_exit_2_and_nothing_written(root, tmp_path, capsys, override, needles):
-    BAD_INPUTS.append(override)
     workdir = tmp_path / "pg"
     rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(workdir),
                    f"data.root={root}", "data.backend=direct", override])
@@ -169,7 +166,6 @@ def test_fit_image_size_not_a_backbone_multiple(root, tmp_path, capsys):
     from vtadl_jax.models.backbones.contnet import contnet_tiny
 
     multiple = contnet_tiny().config.input_multiple
-    BAD_INPUTS.append("contnet image size")
     rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(tmp_path / "pg"),
                    f"data.root={root}", "backbone.name=contnet_tiny",
                    f"data.image_size={multiple + 8}"])
@@ -180,7 +176,6 @@ def test_fit_image_size_not_a_backbone_multiple(root, tmp_path, capsys):
 def test_failed_check_then_corrected_run_is_not_blocked(root, tmp_path, capsys, stub_train):
     """Item 6: a refused run leaves no workdir; an empty or record-only workdir (run.json,
     config.json, an empty checkpoints/) does not block a fresh run."""
-    BAD_INPUTS.append("batch_size=64 then rerun")
     workdir = tmp_path / "run"
     _assert_user_error(capsys, cli.main(_train(root, workdir, "batch_size=64")), "batch_size")
     assert not workdir.exists()
@@ -233,7 +228,6 @@ def test_parse_keeps_order_and_rejects_other_tokens(capsys):
     assert args.overrides == ["data.x=1"] and args.overlays == 0
     for argv in (["train", "--config", "c", "--workdir", "w", "--bogus"],
                  ["predict", "--workdir", "w", "--images", "a.png", "--out", "o", "--x=1"]):
-        BAD_INPUTS.append(" ".join(argv))
         with pytest.raises(SystemExit) as info:
             cli.parse_args(parser, argv)
         assert info.value.code == 2
@@ -241,14 +235,12 @@ def test_parse_keeps_order_and_rejects_other_tokens(capsys):
 
 
 def test_stray_word_is_not_an_override(root, tmp_path, capsys):
-    BAD_INPUTS.append("stray")
     _assert_user_error(capsys, cli.main(_train(root, tmp_path / "w", "stray")),
                        "'stray'", "dotted.key=value")
     assert not (tmp_path / "w").exists()
 
 
 def test_predict_takes_no_overrides(capsys):
-    BAD_INPUTS.append("predict ... a=1")
     with pytest.raises(SystemExit):
         cli.parse_args(cli.build_parser(), ["predict", "--workdir", "w", "--images", "x.png",
                                             "--out", "o", "--", "a=1"])
@@ -278,7 +270,6 @@ def test_config_argument_mismatch(root, tmp_path, capsys, arg_configs):
         (str(tmp_path / "missing.py"), ("missing.py",)),
     ]
     for spec, needles in cases:
-        BAD_INPUTS.append(spec)
         rc = cli.main(["train", "--config", spec, "--workdir", str(tmp_path / "w")])
         _assert_user_error(capsys, rc, *needles)
         assert not (tmp_path / "w").exists()
@@ -323,7 +314,6 @@ def test_read_only_workdir_and_outputs(root, tmp_path, capsys, monkeypatch, stub
             (["predict", "--workdir", str(tmp_path / "ro"), "--images",
               os.path.join(root, "train", "good", "000.png"), "--out",
               str(workdir / "preds")], "--out directory")):
-        BAD_INPUTS.append(" ".join(argv[:1] + argv[-2:]))
         line = _assert_user_error(capsys, cli.main(argv), what, "not writable",
                                   "Read-only file system")
         assert str(workdir) in line
@@ -346,7 +336,6 @@ def test_fit_read_only_workdir(root, tmp_path, capsys, monkeypatch):
     _read_only_probe(monkeypatch, str(workdir))
     monkeypatch.setattr(pg_pipeline, "load_backbone",
                         lambda *a, **k: pytest.fail("loaded the backbone before the probe"))
-    BAD_INPUTS.append("fit read-only")
     rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(workdir),
                    f"data.root={root}", "data.backend=direct"])
     _assert_user_error(capsys, rc, str(workdir), "not writable")
@@ -357,7 +346,6 @@ def test_other_methods_run_is_not_overwritten(root, tmp_path, capsys, stub_train
             ("patch_gaussian", _train(root, tmp_path / "w")),
             ("vtadl", ["fit", "--config", PG + ":object", "--workdir", str(tmp_path / "w"),
                        f"data.root={root}", "data.backend=direct"])):
-        BAD_INPUTS.append(f"{argv[0]} over a {method} run")
         (tmp_path / "w").mkdir(exist_ok=True)
         (tmp_path / "w" / "run.json").write_text(json.dumps({"method": method, "config": {}}))
         before = _snapshot(tmp_path / "w")
@@ -371,7 +359,6 @@ def test_evaluate_data_override_the_model_cannot_take(tmp_path, capsys, monkeypa
                         lambda *a, **k: pytest.fail("scored a size the model cannot take"))
     for override, needle in (("image_size=30", "data.image_size=30"),
                              ("data.image_size=abc", "data.image_size: expected an int")):
-        BAD_INPUTS.append("evaluate " + override)
         _assert_user_error(capsys, cli.main(["evaluate", "--workdir", str(tmp_path), override]),
                            needle)
     assert not (tmp_path / "eval").exists()
@@ -381,7 +368,6 @@ def test_evaluate_data_override_the_model_cannot_take(tmp_path, capsys, monkeypa
                                   ["make-synthetic", "--out", "x", "--image-size", "abc"],
                                   ["evaluate", "--workdir", "w", "--overlays", "-1"]])
 def test_flag_values_named(argv, capsys):
-    BAD_INPUTS.append(" ".join(argv))
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
@@ -390,7 +376,6 @@ def test_flag_values_named(argv, capsys):
 
 def test_damaged_run_record_is_named(tmp_path, capsys):
     (tmp_path / "run.json").write_text('{"method": "vtadl", "conf')
-    BAD_INPUTS.append("torn run.json")
     _assert_user_error(capsys, cli.main(["evaluate", "--workdir", str(tmp_path)]),
                        str(tmp_path / "run.json"), "damaged run record")
 
@@ -402,9 +387,3 @@ def test_unexpected_error_keeps_its_traceback(root, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train", crash)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(_train(root, tmp_path / "run"))
-
-
-def test_count_bad_inputs():
-    """Runs last in this file: reports how many bad inputs were tried here."""
-    print(f"\nbad inputs tried in test_cli_errors.py: {len(BAD_INPUTS)}")
-    assert len(BAD_INPUTS) >= len(TRAIN_BAD) + len(FIT_BAD)
