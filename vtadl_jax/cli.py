@@ -9,7 +9,12 @@
 
 `train` is VT-ADL (a trained model); `fit` is the patch-Gaussian method (no training).
 `evaluate` and `predict` read the method from the work directory. Overrides are
-dotted config keys, e.g. `train.num_steps=200 model.num_components=64`.
+dotted config keys, e.g. `num_steps=200 model.overrides.num_components=64`, accepted
+anywhere on the line after the subcommand (before or after the flags).
+
+User errors (a bad config value, path or file, a damaged checkpoint or record, an
+unwritable directory) end with one message naming what is wrong and exit status 2;
+anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import os
 import sys
 from typing import Sequence
+
+from vtadl_jax.errors import ConfigError
 
 
 def _cmd_make_synthetic(args) -> int:
@@ -33,7 +40,8 @@ def _cmd_train(args) -> int:
     from vtadl_jax.pipelines import vtadl as pipeline
 
     config = load_config(args.config, args.overrides)
-    pipeline.train_from_config(config, args.workdir, resume=args.resume)
+    pipeline.train_from_config(config, args.workdir, resume=args.resume,
+                               allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -84,13 +92,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: an int >= 0 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtadl-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-synthetic", help="write a small generated MVTec-layout dataset")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count, default=0)
     p.add_argument("--image-size", type=int, default=128)
     p.set_defaults(func=_cmd_make_synthetic)
 
@@ -102,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
         if name == "train":
             p.add_argument("--resume", action="store_true",
-                           help="continue from the last checkpoint in --workdir")
+                           help="continue from the last intact checkpoint in --workdir")
+            p.add_argument("--allow-config-change", action="store_true",
+                           help="with --resume: accept settings other than num_steps that "
+                                "differ from the run's (the old config is kept)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="metrics JSON and heatmap PNGs for a work directory")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--overlays", type=int, default=6, help="number of heatmap rows to draw")
+    p.add_argument("--overlays", type=_count, default=6, help="number of heatmap rows to draw")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the data config")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -124,14 +146,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_override(token: str) -> bool:
+    return not token.startswith("-") and "=" in token
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parse `argv`; `key=value` tokens anywhere after the subcommand go to the
+    subcommand's `overrides` (in command-line order) when it takes them.
+
+    argparse gives a `nargs="*"` positional only its first run of tokens; later runs
+    (after a flag) come back as extras and are appended here.
+    """
+    args, extras = parser.parse_known_args(argv)
+    unknown = [t for t in extras if not (_is_override(t) and hasattr(args, "overrides"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        args.overrides = list(args.overrides or []) + list(extras)
+    return args
+
+
+# Anticipated user errors: bad paths / unwritable directories (OSError), bad values
+# (ValueError: ConfigError, DatasetError, CheckpointError, RunRecordError are subclasses),
+# a non-finite loss (FloatingPointError).
+USER_ERRORS = (OSError, ValueError, ConfigError, FloatingPointError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError,
-            FloatingPointError) as err:
-        # str(KeyError) is the repr of its message (extra quotes): print the message.
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except USER_ERRORS as err:
+        message = str(err) or type(err).__name__
         print(f"vtadl-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -27,17 +27,39 @@ def _umask() -> int:
     return mask
 
 
+def ensure_writable(directory: str, what: str = "output directory") -> str:
+    """Create ``directory`` if needed and check that a file can be created and removed in
+    it (a probe), so that a read-only mount or missing permission is reported before any
+    long work starts. Raises ``PermissionError``/``OSError`` naming the directory."""
+    path = os.path.abspath(directory)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        error = type(err)(f"{what} {path} is not writable ({err.strerror or err}); expected a "
+                          "directory where files can be created")
+        error.errno = err.errno  # (no filename: str() would drop the message)
+        raise error from None
+    return path
+
+
 def write_json_atomic(obj: Any, path: str) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path, suffix=".json")
+
+
+def write_text_atomic(text: str, path: str, suffix: str = "") -> None:
+    """Write ``text`` through a temporary file and a rename (see the module docstring)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "w") as f:
             # mkstemp creates the file 0600; give it the mode open() would (0666 & ~umask).
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from vtadl_jax import data as data_lib
 from vtadl_jax import evaluate, metrics, records, report
+from vtadl_jax.errors import RunRecordError
 
 RUN_FILE = "run.json"
 
@@ -28,9 +29,13 @@ def read_run(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path}: no run here; create one with `vtadl-jax train` or `vtadl-jax fit`")
-    with open(path) as f:
-        run = json.load(f)
-    return run["method"], ml_collections.ConfigDict(run["config"])
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        return run["method"], ml_collections.ConfigDict(run["config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunRecordError(f"{path}: damaged run record ({type(err).__name__}: {err}); "
+                             "expected the JSON written by `vtadl-jax train` or `fit`") from None
 
 
 def read_method(workdir: str) -> str:

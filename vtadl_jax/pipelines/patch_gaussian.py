@@ -23,10 +23,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vtadl_jax import records
+from vtadl_jax.config_checks import check_patch_gaussian_config
 from vtadl_jax.methods import patch_gaussian as pg
 from vtadl_jax.models.backbones.registry import (Backbone, from_variables, load_backbone,
                                                   module_config_of)
-from vtadl_jax.pipelines import common
+from vtadl_jax.pipelines import common, resume as resume_lib
 
 METHOD = "patch_gaussian"
 
@@ -64,7 +65,9 @@ def _to_rgb01(images: np.ndarray) -> np.ndarray:
 
 def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel:
     """Extract features of the normal training images, fit, save to `workdir`."""
-    os.makedirs(workdir, exist_ok=True)
+    check_patch_gaussian_config(config)
+    resume_lib.check_method(workdir, METHOD)
+    records.ensure_writable(workdir, "work directory")
     backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
                              seed=config.seed)
     spec = spec_from_config(config, backbone)
@@ -158,6 +161,7 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
 
     _, config = common.read_run(workdir)
     apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
+    records.ensure_writable(os.path.join(workdir, "eval"), "evaluation directory")
     model, backbone = load_model(workdir)
     source = common.make_source(config.data, "test")
     size = source[0]["mask"].shape
@@ -173,6 +177,7 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
 def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
     """Anomaly maps of image files as overlay PNGs (+ scores.json) in `out_dir`."""
     _, config = common.read_run(workdir)
+    records.ensure_writable(out_dir, "--out directory")
     model, backbone = load_model(workdir)
     images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
     maps, scores = make_predict(model, backbone, images.shape[1:3])(images)

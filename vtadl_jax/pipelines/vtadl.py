@@ -3,6 +3,7 @@
 Work directory layout:
     run.json           method + full config (written when training starts)
     config.json        the training loop's copy of the config
+    config_history/    configs replaced by a resume with changed settings (resume.py)
     checkpoints/       orbax: latest few + best (params, batch_stats, opt_state, rng)
     metrics.jsonl      loss components per step
     eval/              metrics.json, overlays.png, roc.png
@@ -18,26 +19,48 @@ import ml_collections
 import numpy as np
 
 from vtadl_jax import records
+from vtadl_jax.config_checks import (check_model_and_data, check_training_data,
+                                     check_vtadl_config)
 from vtadl_jax.methods import vtadl_scoring
-from vtadl_jax.pipelines import common
+from vtadl_jax.pipelines import common, resume as resume_lib
 from vtadl_jax.train import loop
 
 METHOD = "vtadl"
 
 
 def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
-                      resume: bool = False):
-    """Train on the normal images of `config.data` (split "train")."""
-    if not resume and os.path.isdir(os.path.join(workdir, "checkpoints")):
+                      resume: bool = False, allow_config_change: bool = False):
+    """Train on the normal images of `config.data` (split "train").
+
+    Every check (config fields, resume settings, the data against the model, a
+    writable `workdir`) runs before anything is written; a workdir without checkpoints
+    (empty, or the records of a run that failed before its first save) never blocks a
+    fresh run. `resume` refuses a changed config unless `allow_config_change`
+    (see pipelines/resume.py).
+    """
+    check_vtadl_config(config)
+    resume_lib.check_method(workdir, METHOD)
+    has_checkpoints = bool(resume_lib.checkpoint_steps(workdir))
+    if not resume and has_checkpoints:
         raise FileExistsError(
             f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
             "choose another --workdir (nothing was overwritten)")
     config.resume = bool(resume)
     loop.build_model(config)  # a bad model field (e.g. dtype) fails before anything is written
+    replaced = resume_lib.check_resume_config(workdir, config, allow_config_change) \
+        if resume and has_checkpoints else None
     source = common.make_source(config.data, "train")
-    common.write_run(workdir, METHOD, config)
+    check_training_data(config, source)
+    records.ensure_writable(workdir, "work directory")
+
+    def record_run():  # once the resume point is restored: a failed resume changes nothing
+        if replaced is not None:
+            print(f"config changed on resume; previous one kept in "
+                  f"{resume_lib.archive_config(workdir, *replaced)}")
+        common.write_run(workdir, METHOD, config)
+
     start = time.perf_counter()
-    state, summary = loop.train(config, workdir, source)
+    state, summary = loop.train(config, workdir, source, before_write=record_run)
     summary["train_seconds"] = time.perf_counter() - start
     records.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
     print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")
@@ -94,6 +117,8 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
 
     _, config = common.read_run(workdir)
     apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
+    check_model_and_data(config)  # e.g. a data.image_size override the model cannot take
+    records.ensure_writable(os.path.join(workdir, "eval"), "evaluation directory")
     source = common.make_source(config.data, "test")
     batch_size = max(1, int(config.get("eval_batch_size", 32)))
     predict = make_predict(workdir, config, batch_size)
@@ -109,6 +134,7 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
 def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
     """Anomaly-map overlays (+ scores.json) of image files."""
     _, config = common.read_run(workdir)
+    records.ensure_writable(out_dir, "--out directory")
     images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
     maps, scores = make_predict(workdir, config)(images)
     return common.write_predictions(out_dir, paths, images, maps, scores)

@@ -4,9 +4,11 @@ Fields:
   seed: int; parameters from fold_in(seed, 0), training noise from fold_in(seed, 1).
   model.variant: "paper" | "mnist" | "tiny"; model.overrides: VTADL fields to change
     (e.g. projection="routing", attn_scale="model", num_components=10,
-    mdn_head="vtadl_code", noise_std=0.0, image_size=32); model.overrides.dtype:
-    compute dtype "float32" (default) | "bfloat16" (mixed precision; parameters,
-    optimiser state and the loss stay float32), settable on the command line.
+    mdn_head="vtadl_code", noise_std=0.0, image_size=32); any field of
+    models.variants.OVERRIDABLE can be set from the command line
+    (`model.overrides.mdn_head=vtadl_code`), checked by models.variants.check_fields;
+    model.overrides.dtype: compute dtype "float32" (default) | "bfloat16" (mixed
+    precision; parameters, optimiser state and the loss stay float32).
   data.name / data.split / data.root / data.preset / data.image_size / data.scale /
     data.backend ("tfds" | "direct") / data.data_dir / data.max_examples: passed to
     vtadl_jax.data.make_source by the pipelines (vtadl_jax/pipelines/common.py);
@@ -25,6 +27,18 @@ Fields:
 from __future__ import annotations
 
 import ml_collections
+
+from vtadl_jax.configs import register_open_section
+
+
+def _model_override_fields(config: ml_collections.ConfigDict) -> dict:
+    """`model.overrides` may start empty: every VTADL field can be set by an override."""
+    from vtadl_jax.models import variants  # (imports flax: only when an override needs it)
+
+    return variants.override_defaults(config.model.variant)
+
+
+register_open_section("model.overrides", _model_override_fields)
 
 
 def base_config() -> ml_collections.ConfigDict:

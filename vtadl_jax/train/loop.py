@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -29,6 +30,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from vtadl_jax import records
+from vtadl_jax.config_checks import check_vtadl_config
+from vtadl_jax.errors import RunRecordError
 from vtadl_jax.models.variants import get_variant
 from vtadl_jax.models.vtadl import VTADL
 from vtadl_jax.train import checkpoint as ckpt
@@ -91,14 +95,40 @@ def default_batch_iterator(config: ml_collections.ConfigDict, source) -> BatchIt
     return make
 
 
+def _read_log(path: str) -> list[tuple[int, str]]:
+    """(step, line) of each record of ``metrics.jsonl``; a torn last line (a crash mid-write) is dropped with
+    a warning, a damaged line elsewhere is a ``RunRecordError`` naming file and line."""
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("expected a JSON object with an int 'step'")
+        except ValueError as err:
+            if number == len(lines):
+                print(f"vtadl-jax: warning: {path}, line {number}: dropped a torn last line "
+                      f"({line[:60]!r}...)", file=sys.stderr, flush=True)
+                continue
+            raise RunRecordError(f"{path}, line {number}: not a metrics record ({err}); "
+                                 "expected one JSON object per line. Repair or remove "
+                                 "that line, then resume") from None
+        kept.append((row["step"], line if line.endswith("\n") else line + "\n"))
+    return kept
+
+
 def _truncate_log(path: str, last_step: int) -> None:
     """Drop log lines of steps after ``last_step`` (left by a run that died after them)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    if last_step == 0:  # a fresh run: the old log (damaged or not) is not continued
+        records.write_text_atomic("", path)
+        return
+    rows = _read_log(path)
+    records.write_text_atomic("".join(line for step, line in rows if step <= last_step), path)
 
 
 def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
@@ -113,8 +143,8 @@ def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
           batch_iterator: BatchIteratorFn | None = None,
-          eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None
-          ) -> tuple[TrainState, dict]:
+          eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
+          before_write: Callable[[], None] | None = None) -> tuple[TrainState, dict]:
     """Train VT-ADL; return (final state, summary dict).
 
     Args:
@@ -127,8 +157,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
         ``start_step`` for exact resumption.
       eval_fn: optional ``state -> metrics`` run at every checkpoint; its keys may be
         used as ``config.checkpoint.best_metric``.
+      before_write: optional, called once the checkpoint to resume from is restored
+        and metrics.jsonl is checked, before config.json is written (the pipeline
+        writes its run record there, so a resume that fails changes no record).
     """
     maybe_initialize_distributed(config)
+    check_vtadl_config(config)
     model, tx, loss_cfg = build_model(config), make_optimizer(**config.optim), loss_config(config)
     mesh = make_mesh()
     if config.batch_size % mesh.size:
@@ -137,21 +171,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
     image_shape = (*model.image_size, model.channels)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     c = config.checkpoint
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=c.keep,
                                 keep_best=c.keep_best, best_metric=c.best_metric,
                                 best_mode=c.best_mode, async_save=c.get("async_save", True))
     state = replicate(create_train_state(model, tx, config.seed, image_shape), mesh)
-    if config.get("resume", True) and manager.latest_step() is not None:
-        state = ckpt.restore_state(manager, state)
-    start = int(jax.device_get(state.step))
+    damaged: list[int] = []
     log_path = os.path.join(workdir, "metrics.jsonl")
+    try:
+        if config.get("resume", True) and manager.latest_step() is not None:
+            state, _, damaged = ckpt.restore_newest_intact(manager, state)
+        start = int(jax.device_get(state.step))
+        if is_main:
+            _truncate_log(log_path, start)
+    except BaseException:
+        manager.close()
+        raise
+    if before_write is not None:
+        before_write()
     if is_main:
-        _truncate_log(log_path, start)
+        records.write_text_atomic(config.to_json_best_effort(indent=2),
+                                  os.path.join(workdir, "config.json"))
+        if damaged:  # out of the way (kept), so these steps can be saved again
+            ckpt.quarantine(manager, damaged)
     if batch_iterator is None:
         if train_source is None:
             raise ValueError("train: give train_source or batch_iterator")
