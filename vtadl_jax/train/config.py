@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict({"variant": "paper",
-                                         "overrides": {"dtype": "float32"}})
+                                         "overrides": {}})
     c.data = ml_collections.ConfigDict({"name": "mvtec_ad/hazelnut", "split": "train",
                                         "root": None, "preset": "vtadl_mvtec",
                                         "image_size": None, "scale": None,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from vtadl_jax import records
@@ -37,8 +38,8 @@ from vtadl_jax.models.variants import get_variant
 from vtadl_jax.models.vtadl import VTADL
 from vtadl_jax.train import checkpoint as ckpt
 from vtadl_jax.train.optim import make_optimizer
-from vtadl_jax.train.state import TrainState, create_train_state
-from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, replicate, shard_batch
+from vtadl_jax.train.state import TrainState, abstract_train_state, create_train_state
+from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, shard_batch
 
 BatchIteratorFn = Callable[[int], Iterator[Mapping[str, Any]]]
 RANGES = {"[-1,1]": (-1.0, 1.0), "[0,1]": (0.0, 1.0)}
@@ -176,11 +177,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=c.keep,
                                 keep_best=c.keep_best, best_metric=c.best_metric,
                                 best_mode=c.best_mode, async_save=c.get("async_save", True))
-    state = replicate(create_train_state(model, tx, config.seed, image_shape), mesh)
+    replicated = NamedSharding(mesh, P())
     damaged: list[int] = []
+    resuming = config.get("resume", True) and manager.latest_step() is not None
+    if resuming:  # restored onto abstract shapes: no concrete template state first
+        state = abstract_train_state(model, tx, image_shape, replicated)
+    else:
+        state = create_train_state(model, tx, config.seed, image_shape, sharding=replicated)
     log_path = os.path.join(workdir, "metrics.jsonl")
     try:
-        if config.get("resume", True) and manager.latest_step() is not None:
+        if resuming:
             state, _, damaged = ckpt.restore_newest_intact(manager, state)
         start = int(jax.device_get(state.step))
         if is_main:
@@ -261,8 +267,7 @@ def load_trained(workdir: str, step: int | None = None
     tx = make_optimizer(**config.optim)
     shape = (*model.image_size, model.channels)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(lambda: create_train_state(model, tx, 0, shape)))
+    target = abstract_train_state(model, tx, shape, device)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         state = ckpt.restore_state(manager, target, step)

@@ -41,23 +41,53 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, int
                       jnp.zeros((1, *image_shape), jnp.float32), train=False)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                       image_shape: tuple[int, int, int]) -> TrainState:
-    """Initialise parameters (from ``seed``) and the optimiser state.
-
-    Args:
-      model: a ``VTADL`` module.
-      tx: optax transformation.
-      seed: integer seed; parameters use fold_in(key, 0), training noise fold_in(key, 1).
-      image_shape: (H, W, C) of one image.
-    """
-    key = jax.random.PRNGKey(seed)
-    variables = init_variables(model.clone(bn_axis_name=None), jax.random.fold_in(key, 0),
-                               tuple(image_shape))
+def _init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                image_shape: tuple[int, int, int]) -> TrainState:
+    variables = model.init({"params": jax.random.fold_in(key, 0),
+                            "noise": jax.random.fold_in(key, 0)},
+                           jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=jax.jit(tx.init)(params), rng=jax.random.fold_in(key, 1))
+                      opt_state=tx.init(params), rng=jax.random.fold_in(key, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: nn.Module, tx: optax.GradientTransformation,
+                 image_shape: tuple[int, int, int], sharding):
+    """One jitted function: parameters, BatchNorm statistics and optimiser state are
+    created on the device(s), placed by ``sharding`` (None: the default device)."""
+    init = functools.partial(_init_state, model, tx, image_shape=image_shape)
+    return jax.jit(init, out_shardings=sharding)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                       image_shape: tuple[int, int, int], sharding=None) -> TrainState:
+    """Initialise parameters (from ``seed``) and the optimiser state in one jitted call.
+
+    No large tensor is built eagerly: the whole state (random initialisers, zeros of
+    the Adam moments) is produced by a single compiled program, directly with the
+    requested ``sharding`` (e.g. ``NamedSharding(mesh, P())`` for a replicated state).
+
+    Args:
+      model: a ``VTADL`` module (initialised with ``bn_axis_name=None``).
+      tx: optax transformation.
+      seed: integer seed; parameters use fold_in(key, 0), training noise fold_in(key, 1).
+      image_shape: (H, W, C) of one image.
+      sharding: optional ``jax.sharding.Sharding`` of every leaf of the state.
+    """
+    init = _jitted_init(model.clone(bn_axis_name=None), tx, tuple(image_shape), sharding)
+    return init(jax.random.PRNGKey(seed))
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                         image_shape: tuple[int, int, int], sharding=None) -> TrainState:
+    """``ShapeDtypeStruct``s (with ``sharding``) of the train state: a restore target
+    obtained by ``jax.eval_shape``, without computing or allocating any array."""
+    shapes = jax.eval_shape(lambda: _init_state(model.clone(bn_axis_name=None), tx,
+                                                jax.random.PRNGKey(0), tuple(image_shape)))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes)
 
 
 def count_params(tree: Any) -> int:

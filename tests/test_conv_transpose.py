@@ -1,0 +1,127 @@
+"""Sub-pixel transposed convolution vs independent definitions (float64).
+
+References: a NumPy scatter loop of the definition y[i*s + a - p] += x[i] w[a] and its
+adjoint (the gradients), ``jax.lax.conv_transpose`` (zero-dilated input, flipped kernel)
+and, when installed, ``torch.nn.functional.conv_transpose2d``.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vtadl_jax.kernels.conv_transpose import conv_transpose, conv_transpose_output_size
+from vtadl_jax.models.decoder import VTADL_CODE_LAYERS
+
+# (kernel, stride, padding, output_padding): the code decoder's six layers, the small
+# decoder's two, and odd cases (non-square stride/kernel, output padding > padding, k < s).
+CODE = [(k, s, p, 0) for _, k, s, p in VTADL_CODE_LAYERS]
+SMALL = [(4, 2, 1, 0), (3, 1, 1, 0)]
+ODD = [(5, 3, 2, 2), (2, 3, 0, 0), (1, 1, 0, 0), (3, 2, 0, 1), ((3, 5), (2, 3), (1, 0), (1, 2)),
+       (4, 4, 3, 3), (6, 4, 5, 1)]
+CASES = CODE + SMALL + ODD
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def _scatter(x, w, s, p, q):
+    """NumPy float64 definition. x (B, H, W, Ci), w (kh, kw, Ci, Co)."""
+    (sh, sw), (ph, pw), (qh, qw) = _pair(s), _pair(p), _pair(q)
+    b, h, wd, _ = x.shape
+    kh, kw, _, co = w.shape
+    oh = conv_transpose_output_size(h, kh, sh, ph, qh)
+    ow = conv_transpose_output_size(wd, kw, sw, pw, qw)
+    full = np.zeros((b, (h - 1) * sh + kh + qh, (wd - 1) * sw + kw + qw, co))
+    for a in range(kh):
+        for c in range(kw):
+            full[:, a:a + (h - 1) * sh + 1:sh, c:c + (wd - 1) * sw + 1:sw] += x @ w[a, c]
+    return full[:, ph:ph + oh, pw:pw + ow]
+
+
+def _scatter_adjoint(x, w, g, s, p):
+    """Gradients of sum(g * y) w.r.t. x and w, from the definition (NumPy float64)."""
+    (sh, sw), (ph, pw) = _pair(s), _pair(p)
+    _, h, wd, _ = x.shape
+    kh, kw = w.shape[:2]
+    gfull = np.zeros((g.shape[0], (h - 1) * sh + kh + sh, (wd - 1) * sw + kw + sw, g.shape[3]))
+    gfull[:, ph:ph + g.shape[1], pw:pw + g.shape[2]] = g
+    dx, dw = np.zeros_like(x), np.zeros_like(w)
+    for a in range(kh):
+        for c in range(kw):
+            ga = gfull[:, a:a + (h - 1) * sh + 1:sh, c:c + (wd - 1) * sw + 1:sw]
+            dx += ga @ w[a, c].T
+            dw[a, c] = np.einsum("bhwi,bhwo->io", x, ga)
+    return dx, dw
+
+
+def _lax_reference(x, w, s, p, q):
+    (sh, sw), (ph, pw), (qh, qw) = _pair(s), _pair(p), _pair(q)
+    kh, kw = w.shape[:2]
+    return jax.lax.conv_transpose(
+        x, w[::-1, ::-1], (sh, sw),
+        ((kh - 1 - ph, kh - 1 - ph + qh), (kw - 1 - pw, kw - 1 - pw + qw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _inputs(k, seed, size=(4, 3), cin=3, cout=5):
+    kh, kw = _pair(k)
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(2, *size, cin)), rng.normal(size=(kh, kw, cin, cout))
+
+
+@pytest.mark.parametrize("k,s,p,q", CASES)
+def test_values_and_gradients_match_definition(x64, k, s, p, q):
+    x, w = _inputs(k, seed=len(str((k, s, p, q))))
+    y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(w), s, p, q))
+    ref = _scatter(x, w, s, p, q)
+    assert y.shape == ref.shape and y.dtype == np.float64
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, np.asarray(_lax_reference(jnp.asarray(x), jnp.asarray(w),
+                                                            s, p, q)), rtol=1e-12, atol=1e-12)
+
+    g = np.random.default_rng(7).normal(size=y.shape)
+    loss = lambda f: lambda a, b: jnp.sum(f(a, b) * g)  # noqa: E731
+    ours = jax.grad(loss(lambda a, b: conv_transpose(a, b, s, p, q)), argnums=(0, 1))
+    lax_ref = jax.grad(loss(lambda a, b: _lax_reference(a, b, s, p, q)), argnums=(0, 1))
+    dx, dw = ours(jnp.asarray(x), jnp.asarray(w))
+    rx, rw = _scatter_adjoint(x, w, g, s, p)
+    np.testing.assert_allclose(np.asarray(dx), rx, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(dw), rw, rtol=1e-11, atol=1e-11)
+    lx, lw = lax_ref(jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(lx), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(lw), rtol=1e-11, atol=1e-11)
+
+
+def test_float32_and_bfloat16_run_in_input_dtype():
+    x, w = _inputs(9, seed=1, size=(6, 6), cin=4, cout=3)
+    ref = _scatter(x, w, 2, 0, 0)
+    y32 = conv_transpose(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), 2, 0)
+    assert y32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y32), ref, rtol=1e-4, atol=1e-4)
+    y16 = conv_transpose(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.float32), 2, 0)
+    assert y16.dtype == jnp.bfloat16  # the kernel is cast to the input's dtype
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(np.asarray(y16, np.float64), ref, atol=0.05 * scale)
+
+
+def test_rejects_bad_arguments():
+    x, w = jnp.zeros((1, 3, 3, 2)), jnp.zeros((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="padding=3"):
+        conv_transpose(x, w, 2, 3)
+    with pytest.raises(ValueError, match="output_padding=2"):
+        conv_transpose(x, w, 2, 1, 2)
+    with pytest.raises(ValueError, match="Cin"):
+        conv_transpose(x, jnp.zeros((3, 3, 5, 4)), 2, 1)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("k,s,p,q", CODE + [(5, 3, 2, 2), ((3, 5), (2, 3), (1, 0), (1, 2))])
+def test_matches_torch(k, s, p, q):
+    torch = pytest.importorskip("torch")
+    x, w = _inputs(k, seed=3, size=(5, 4))
+    ref = torch.nn.functional.conv_transpose2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(w.transpose(2, 3, 0, 1)),
+        stride=s, padding=p, output_padding=q).numpy().transpose(0, 2, 3, 1)
+    y = conv_transpose(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), s, p, q)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
