@@ -114,7 +114,8 @@ def mixture_nll_full_cov(z, logits, means, chol) -> np.ndarray:
 
 
 def vtadl_code_mdn_loss(z, logits, means, log_var) -> np.ndarray:
-    """The VT-ADL code's density loss per patch: sum_k w_k 0.5 (log 2 pi + sum_d v + (z-mu)^2 / e^v)."""
+    """The VT-ADL code's density loss per patch, v a log-variance:
+    sum_k w_k 0.5 (log 2 pi + sum_d [v_kd + (z_d - mu_kd)^2 / exp(v_kd)])."""
     z, logits, means, log_var = _f64(z, logits, means, log_var)
     w = np.exp(logits - special.logsumexp(logits, axis=-1, keepdims=True))
     sq = (z[..., None, :] - means) ** 2
@@ -152,14 +153,15 @@ def mahalanobis(feats, mean, cov) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- capsules
-def squash(s) -> np.ndarray:
-    """|s|^2 / (1 + |s|^2) * s / |s| over the last axis (Sabour et al. 2017, eq. 1)."""
+def squash(s, eps: float = 1e-8) -> np.ndarray:
+    """|s|^2 / (1 + |s|^2) * s / |s| over the last axis (Sabour et al. 2017, eq. 1), with
+    |s| = sqrt(|s|^2 + eps) in the division (the kernel's guard at s = 0; eps=0: eq. 1)."""
     (s,) = _f64(s)
-    n = np.linalg.norm(s, axis=-1, keepdims=True)
-    return n ** 2 / (1 + n ** 2) * s / n
+    sq = np.sum(s * s, axis=-1, keepdims=True)
+    return sq / (1 + sq) * s / np.sqrt(sq + eps)
 
 
-def dynamic_routing(u, w, iterations: int) -> np.ndarray:
+def dynamic_routing(u, w, iterations: int, eps: float = 1e-8) -> np.ndarray:
     """Votes u_hat_{j|i} = W_ij u_i, then Procedure 1 with loops over i and j: (B, n_out, d)."""
     u, w = _f64(u, w)
     bsz, n_in, n_out = u.shape[0], w.shape[0], w.shape[1]
@@ -170,7 +172,7 @@ def dynamic_routing(u, w, iterations: int) -> np.ndarray:
         for it in range(iterations):
             c = np.exp(logit) / np.exp(logit).sum(1, keepdims=True)
             v = squash(np.array([sum(c[i, j] * votes[i, j] for i in range(n_in))
-                                 for j in range(n_out)]))
+                                 for j in range(n_out)]), eps)
             if it < iterations - 1:
                 logit = logit + np.einsum("ijd,jd->ij", votes, v)
         out[b] = v
