@@ -6,6 +6,7 @@
     vtadl-jax evaluate --workdir runs/pg [--overlays 6]
     vtadl-jax predict  --workdir runs/pg --images a.png b.png --out preds/
     vtadl-jax demo     --out outputs/demo
+    vtadl-jax selftest [--quick] [--json PATH]
 
 `train` is VT-ADL (a trained model); `fit` is the patch-Gaussian method (no training).
 `evaluate` and `predict` read the method from the work directory. Overrides are
@@ -103,6 +104,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _cmd_selftest(args) -> int:
+    from vtadl_jax import records, selftest
+
+    result = selftest.run(quick=args.quick)
+    print(selftest.format_table(result))
+    if args.json:
+        records.write_json_atomic(result, args.json)
+        print(f"selftest results: {args.json}")
+    return 0 if result["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtadl-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--quick", action="store_true", help="smallest settings (seconds, for tests)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("selftest", help="check every kernel and metric against float64 "
+                       "NumPy/SciPy on this backend (exit 1 on a failure)")
+    p.add_argument("--quick", action="store_true", help="small shapes (under 2 minutes on a CPU)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_selftest)
     return parser
 
 

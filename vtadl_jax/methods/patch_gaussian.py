@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -128,7 +129,9 @@ class PatchGaussianModel:
 
 
 def _position_sharding(num_positions: int) -> NamedSharding | None:
-    devices = jax.devices()
+    # This process's devices: with several processes each one fits its own rows, and
+    # `merge_across_processes` combines the per-process statistics at the end.
+    devices = jax.local_devices()
     if len(devices) == 1 or num_positions % len(devices):
         return None
     mesh = Mesh(np.asarray(devices), ("pos",))
@@ -218,6 +221,33 @@ def fit_statistics(feature_batches: Iterable[jax.Array], *, shard_positions: boo
     if stats is None:
         raise ValueError("feature_batches: expected at least one batch of training features")
     return stats, grid
+
+
+def merge_across_processes(stats: gaussian.PatchStats) -> gaussian.PatchStats:
+    """Combine every process's statistics (multi-host fit); identity with one process.
+
+    Each process passes the statistics of its own share of the training images; every
+    process gets the statistics of all of them (k-way Chan et al. merge,
+    `gaussian.merge_across`, run by JAX's multi-process runtime over a mesh with one
+    device per process). The result lives on this process's first device.
+    """
+    if jax.process_count() == 1:
+        return stats
+    firsts = [min((d for d in jax.devices() if d.process_index == i), key=lambda d: d.id)
+              for i in range(jax.process_count())]
+    mesh = Mesh(np.asarray(firsts), ("hosts",))
+    local = jax.tree.map(lambda x: np.asarray(x)[None], stats)
+    stacked = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec("hosts")), x), local)
+    merge = jax.jit(jax.shard_map(lambda s: gaussian.merge_across(
+        jax.tree.map(lambda x: x[0], s), "hosts"), mesh=mesh,
+        in_specs=PartitionSpec("hosts"), out_specs=PartitionSpec()))
+    merge = merge.lower(stacked).compile()
+    # Wait for every process (coordination-service barrier) before the collective runs:
+    # CPU (gloo) collectives give up when peers arrive more than 30 s apart.
+    ocp.multihost.sync_global_processes("vtadl_merge_patch_statistics")
+    merged = merge(stacked)
+    return jax.tree.map(lambda x: x.addressable_data(0), merged)
 
 
 _finalize = jax.jit(gaussian.finalize, static_argnames=("eps",))

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -142,6 +143,16 @@ def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
             f"Last good checkpoint: step {manager.latest_step()} in {manager.directory}")
 
 
+def _compile_then_sync(step_fn, state, images):
+    """Multi-process: compile the step on every process, then wait for all of them
+    (a coordination-service barrier) before its first run. Processes finish compiling at
+    different times, and CPU (gloo) collectives give up when their peers arrive more
+    than 30 s apart."""
+    compiled = step_fn.lower(state, images).compile()
+    ocp.multihost.sync_global_processes("vtadl_train_step_compiled")
+    return compiled
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
           batch_iterator: BatchIteratorFn | None = None,
           eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
@@ -223,8 +234,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
                 raise RuntimeError(f"the batch stream ended before step {step}") from None
             images = np.asarray(batch["image"], np.float32).reshape(-1, *image_shape)
             images = rescale_images(images, source_range, input_range)
+            global_images = shard_batch(images, mesh)
+            if step == start + 1 and jax.process_count() > 1:
+                step_fn = _compile_then_sync(step_fn, state, global_images)
             t0 = time.perf_counter()
-            state, m = step_fn(state, shard_batch(images, mesh))
+            state, m = step_fn(state, global_images)
             metrics = {k: float(v) for k, v in jax.device_get(m).items()}
             metrics["images_per_s"] = config.batch_size / (time.perf_counter() - t0)
             _check_finite(metrics, step, manager)

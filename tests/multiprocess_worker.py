@@ -1,0 +1,134 @@
+"""One process of the multi-process test (tests/test_multiprocess.py).
+
+    python tests/multiprocess_worker.py --mode {multi,single} --out OUT.npz --workdir DIR
+        [--coordinator 127.0.0.1:PORT --process-id I --num-processes N]
+
+"multi": one of N processes joined with ``jax.distributed.initialize`` (JAX's own
+multi-controller runtime, gloo CPU collectives), 4 host CPU devices each. "single": the
+reference, one process with 8 host CPU devices (the test computes it in-process with
+the same functions). Both train the tiny VT-ADL config a few
+steps with ``vtadl_jax.train.loop.train`` (each process reads its own rows of every
+global batch from the data layer) and fit streaming patch Gaussians on the same features
+(each process folds its own rows, then the statistics are merged across processes).
+Process 0 (or the single process) writes losses, parameters and statistics to OUT.npz.
+The device count comes from XLA_FLAGS, set by the caller before JAX starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+NUM_STEPS = 3
+NUM_IMAGES = 32
+GRID, CHANNELS, FEATURE_BATCH = (4, 4), 6, 8
+
+
+class ArraySource:
+    """The smallest random-access source ``vtadl_jax.data.batches`` reads."""
+
+    name, split = "multiprocess-test", "train"
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i]}
+
+
+def images() -> np.ndarray:
+    """NUM_IMAGES smooth 32x32x3 images in [-1, 1] (the same in every process)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    cy, cx = rng.uniform(0.3, 0.7, (2, NUM_IMAGES, 1, 1))
+    disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < 0.04).astype(np.float32)
+    col = rng.uniform(-0.6, 0.6, (NUM_IMAGES, 1, 1, 3))
+    return np.clip(0.5 * (xx - yy)[None, ..., None] + col + 0.6 * disc[..., None],
+                   -1, 1).astype(np.float32)
+
+
+def features() -> np.ndarray:
+    """(N, h, w, C) feature maps with a large common offset (float32-hard statistics)."""
+    rng = np.random.default_rng(1)
+    return (50.0 + rng.normal(size=(NUM_IMAGES, *GRID, CHANNELS))).astype(np.float32)
+
+
+def train_tiny(workdir: str) -> tuple[np.ndarray, dict]:
+    import json
+
+    from vtadl_jax.configs import load_config
+    from vtadl_jax.train.loop import train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "experiments", "configs", "vtadl_tiny.py"), [])
+    config.num_steps = NUM_STEPS
+    config.checkpoint.every_steps = NUM_STEPS
+    state, _ = train(config, workdir, ArraySource(images()))
+    losses = None
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            losses = np.array([json.loads(ln)["loss"] for ln in f if ln.strip()])
+    # Replicated state: every process holds a full copy on each of its devices.
+    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+    return losses, params
+
+
+def fit_gaussians() -> dict:
+    from vtadl_jax.data import batches
+    from vtadl_jax.methods import patch_gaussian as pg
+
+    stream = batches(ArraySource(features()), FEATURE_BATCH, shuffle=False, epochs=1,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+    local, _ = pg.fit_statistics((b["image"] for b in stream), shard_positions=True)
+    merged = pg.merge_across_processes(local)
+    return {f"stats_{k}": np.asarray(v) for k, v in merged._asdict().items()}
+
+
+def results(losses: np.ndarray, params: dict, stats: dict) -> dict[str, np.ndarray]:
+    """One flat dict of arrays (what process 0 saves)."""
+    flat = {"param/" + jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return {"losses": losses, "device_count": np.asarray(jax.device_count()),
+            "process_count": np.asarray(jax.process_count()), **flat, **stats}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["multi", "single"], default="multi")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--coordinator")
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--num-processes", type=int, default=1)
+    args = p.parse_args()
+    if args.mode == "multi":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id,
+                                   initialization_timeout=60)
+    print(f"process {jax.process_index()}/{jax.process_count()}: "
+          f"{jax.local_device_count()} local / {jax.device_count()} devices", flush=True)
+    t0 = time.perf_counter()
+    losses, params = train_tiny(args.workdir)
+    t1 = time.perf_counter()
+    stats = fit_gaussians()
+    print(f"train {t1 - t0:.1f} s, fit {time.perf_counter() - t1:.1f} s", flush=True)
+    if jax.process_index() == 0:
+        np.savez(args.out, **results(losses, params, stats))
+    if args.mode == "multi":
+        jax.distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""experiments/accelerator_run.py: time boxes, skips, and the CPU smoke run end to end."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import accelerator_run as acc  # noqa: E402
+
+
+def test_stages_time_box_failure_and_skip(tmp_path):
+    stages = acc.Stages(budget_s=8.0, out=str(tmp_path))
+    ok = stages.run("ok", [sys.executable, "-c", "print('{\"step_s\": 0.5}')"], 1.0, min_s=1)
+    assert ok["status"] == "ok" and acc._json_lines(ok["log_tail"]) == [{"step_s": 0.5}]
+    bad = stages.run("bad", [sys.executable, "-c", "raise SystemExit(3)"], 1.0, min_s=1)
+    assert bad["status"] == "failed (exit 3)"
+    slow = stages.run("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 0.3,
+                      min_s=1)
+    assert slow["status"] == "time box reached (killed)" and slow["seconds"] < 10
+    late = stages.run("late", [sys.executable, "-c", "pass"], 1.0, min_s=60)
+    assert late["status"] == "skipped" and "budget spent" in late["note"]
+    assert [r["stage"] for r in stages.records] == ["ok", "bad", "slow", "late"]
+
+
+def test_train_steps_fit_the_time_left():
+    # 300 s left, 60 s fixed, 10 runs of 0.1 s steps (x1.2 margin): 200 steps each.
+    assert acc.train_steps(300, 0.1, 10, 60, cap=10_000) == 200
+    assert acc.train_steps(300, 0.1, 10, 60, cap=50) == 50
+    assert acc.train_steps(10, 0.1, 10, 60, cap=50) == 1
+
+
+@pytest.mark.skipif(acc.find_mvtec_root(None) is None, reason="real MVTec AD bottle absent")
+def test_cpu_smoke_run_end_to_end(tmp_path):
+    """The smoke run minus the selftest stage (tests/test_selftest.py runs that)."""
+    out = str(tmp_path / "acc")
+    assert acc.main(["--out", out, "--budget-s", "900", "--stages", "bench", "mnist",
+                     "bottle"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)
+    assert result["smoke"] and result["backend"] == "cpu"
+    stages = {r["stage"]: r for r in result["stages"]}
+    assert all(r["status"] == "ok" for r in stages.values()), stages
+    bench = [r for name, r in stages.items() if name.startswith("bench_tiny")]
+    assert bench and all(r["result"]["variant"] == "tiny" for r in bench)
+    assert 0.0 <= float(stages["mnist_table2"]["result"]["image_auroc"]) <= 1.0
+    assert 0.0 <= float(stages["bottle"]["result"]["pixel_auroc"]) <= 1.0
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "device: cpu (cpu" in summary and "| bottle | ok |" in summary
