@@ -15,7 +15,9 @@ explicit ``binarize_threshold`` t, in which case the mask is ``value > t``.
 """
 from __future__ import annotations
 
+import glob
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,8 @@ from PIL import Image, UnidentifiedImageError
 
 from vtadl_jax.data.errors import InvalidImageError, InvalidMaskError, MissingDataError
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image", "load_mask", "encode_png",
-           "image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "find_image_files", "load_image", "load_mask",
+           "encode_png", "image_size"]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -32,6 +34,52 @@ IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 def is_image_file(path: Path) -> bool:
     """True when ``path`` is a regular file with a known image extension."""
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_under(directory: Path) -> list[str]:
+    """Image files below ``directory`` (recursively, sorted); other files are skipped."""
+    found = []
+    for parent, dirs, files in os.walk(directory):
+        dirs.sort()
+        found += [os.path.join(parent, f) for f in sorted(files)
+                  if is_image_file(Path(parent, f))]
+    return found
+
+
+def find_image_files(specs: list[str] | tuple[str, ...], *, what: str = "--images") -> list[str]:
+    """Image files named by files, directories (searched recursively for the extensions
+    of ``IMAGE_EXTENSIONS``; other files skipped) and glob patterns (``**`` recursive).
+
+    Returns the paths in the order given (each directory's and pattern's sorted), without
+    repeats. Raises MissingDataError naming the argument when a path does not exist, a
+    directory holds no image file or a pattern matches none.
+    """
+    found: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            files = _images_under(path)
+            if not files:
+                raise MissingDataError(
+                    f"{what}: directory {spec} holds no image file (expected files ending in "
+                    f"{', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+        elif path.is_file():
+            files = [str(path)]
+        elif glob.has_magic(spec):
+            matched = sorted(glob.glob(spec, recursive=True))
+            files = [m for m in matched if is_image_file(Path(m))]
+            for m in matched:
+                if Path(m).is_dir():
+                    files += _images_under(Path(m))
+            if not files:
+                raise MissingDataError(
+                    f"{what}: pattern {spec!r} matches no image file"
+                    + (f" ({len(matched)} other paths matched)" if matched else ""))
+        else:
+            raise MissingDataError(f"{what}: {spec} does not exist (expected an image file, "
+                                   "a directory of images or a glob pattern)")
+        found += files
+    return list(dict.fromkeys(found))
 
 
 def _open_fully(path: Path) -> Image.Image:
