@@ -15,7 +15,8 @@ Three ways to calibrate (`mode` in the file):
 - "normal_fpr": normal images only, and a target false-positive rate `fpr` in (0, 1).
   Rule (`fpr_threshold`): with the n calibration scores sorted, s_(1) <= ... <= s_(n),
   and k = floor(fpr * n) the number of false positives allowed, the threshold is the
-  smallest float t with #{s >= t} <= k, i.e. the next float above s_(n-k). So the
+  smallest float t with #{s >= t} <= k, i.e. the next float above s_(n-k) (in the
+  values' dtype: float32 for maps, whose comparisons NumPy does in float32). So the
   calibration set's false-positive rate is at most `fpr`, and no lower threshold keeps
   it so. With fewer than 1 / fpr images k = 0: t lies just above the highest normal
   score. The pixel threshold is the same rule applied to every pixel of the normal
@@ -87,8 +88,9 @@ def fpr_threshold(normal_scores: Any, fpr: float) -> float:
     n = s.size
     allowed = math.floor(fpr * n)  # < n because fpr < 1
     kth = np.partition(s, n - allowed - 1)[n - allowed - 1]  # s_(n-k), 1-based
-    # float64 so that float32 maps compare exactly with a threshold above their value.
-    return float(np.nextafter(np.float64(kth), np.inf))
+    # The next float of the values' own dtype: NumPy compares float32 maps with a Python
+    # float in float32, where the next float64 above s_(n-k) would round back onto it.
+    return float(np.nextafter(kth, np.array(np.inf, dtype=kth.dtype)))
 
 
 def spread(normal_values: Any, what: str) -> float:

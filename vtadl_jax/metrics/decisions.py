@@ -37,7 +37,7 @@ def mask_overlap(maps: np.ndarray, masks: np.ndarray, threshold: float) -> dict[
 
     "iou" / "dice" pool every pixel of the set (|P & G| / |P | G|, 2|P & G| / (|P| + |G|));
     "iou_mean_anomalous" averages the per-image IoU over images with a non-empty ground
-    truth; "pixel_fpr" is the fraction of normal pixels predicted anomalous.
+    truth; "fpr" is the fraction of normal pixels predicted anomalous.
     """
     maps, masks = np.asarray(maps), np.asarray(masks) > 0
     if maps.shape != masks.shape or maps.ndim != 3:
@@ -52,4 +52,4 @@ def mask_overlap(maps: np.ndarray, masks: np.ndarray, threshold: float) -> dict[
             "dice": _ratio(2 * int(inter.sum()), int(pred.sum()) + int(masks.sum())),
             "iou_mean_anomalous": (float(np.mean(inter[has_gt] / union[has_gt]))
                                    if has_gt.any() else float("nan")),
-            "pixel_fpr": _ratio(int(np.sum(pred & ~masks)), normal_pixels)}
+            "fpr": _ratio(int(np.sum(pred & ~masks)), normal_pixels)}
