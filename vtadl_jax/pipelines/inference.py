@@ -55,17 +55,16 @@ def image_batches(paths: Sequence[str], data_cfg: ml_collections.ConfigDict, bat
         yield chunk, np.stack(images)
 
 
-def score_files(scorer: Scorer, specs: Sequence[str], *, what: str,
-                keep_maps: bool = True) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """(paths, scores, maps or None) of every image named by `specs` (files, dirs, globs)."""
-    paths = find_image_files(list(specs), what=what)
+def score_files(scorer: Scorer, paths: Sequence[str], *,
+                keep_maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores, maps or None) of image files (see `find_image_files` for the names)."""
     scores, maps = [], []
     for _, images in image_batches(paths, scorer.data, scorer.batch_size, desc="scoring"):
         m, s = scorer(images)
         scores.append(s)
         if keep_maps:
             maps.append(m)
-    return paths, np.concatenate(scores), (np.concatenate(maps) if keep_maps else None)
+    return np.concatenate(scores), (np.concatenate(maps) if keep_maps else None)
 
 
 def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
@@ -87,7 +86,8 @@ def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
             raise ValueError("--fpr needs --normal-dir (a directory of normal images)")
     on_normal = None
     if normal:
-        paths, scores, maps = score_files(scorer(), normal, what="--normal-dir")
+        paths = find_image_files(list(normal), what="--normal-dir")
+        scores, maps = score_files(scorer(), paths)
         on_normal = calibration.from_normal(scores, maps, fpr, source=list(normal))
         print(f"scored {len(paths)} normal images")
     if from_test:
@@ -142,12 +142,14 @@ def _write_image_outputs(out_dir: str, row: dict, image: np.ndarray, amap: np.nd
         predicted=None if predicted is None else predicted[None], map_title=map_title)
 
 
-def predict_files(workdir: str, scorer: Scorer, specs: Sequence[str], out_dir: str
-                  ) -> list[dict[str, Any]]:
+def predict_files(workdir: str, make_scorer: Callable[[], Scorer], specs: Sequence[str],
+                  out_dir: str) -> list[dict[str, Any]]:
     """Per image: raw and normalised score, label, mask PNG, heatmap PNG; plus
-    predictions.csv, predictions.json and scores.json (name -> raw score) in `out_dir`."""
+    predictions.csv, predictions.json and scores.json (name -> raw score) in `out_dir`.
+    The image names are checked before the model is loaded."""
     paths = find_image_files(list(specs))
     thresholds = calibration.load(workdir)
+    scorer = make_scorer()
     if thresholds is None:
         print(f"no thresholds stored in {workdir}: raw scores only, no labels or masks "
               "(set them with `vtadl-jax calibrate`)")

@@ -188,7 +188,7 @@ def scorer(workdir: str) -> inference.Scorer:
 
 def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[dict]:
     """Scores, labels, masks and heatmaps of image files in `out_dir` (`inference`)."""
-    return inference.predict_files(workdir, scorer(workdir), paths, out_dir)
+    return inference.predict_files(workdir, lambda: scorer(workdir), paths, out_dir)
 
 
 def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds:
