@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import precision_recall_curve
 
 from vtadl_jax import calibration
-from vtadl_jax.data.errors import MissingDataError
+from vtadl_jax.data.errors import InvalidImageError, MissingDataError
 from vtadl_jax.data.image_files import find_image_files
 from vtadl_jax.metrics.decisions import confusion, mask_overlap
 
@@ -92,11 +92,11 @@ def test_fpr_outside_open_interval_is_an_error(fpr):
         calibration.fpr_threshold([1.0, 2.0], fpr)
 
 
-def test_no_normal_values_and_equal_values_are_errors():
+def test_no_normal_values_is_an_error_equal_values_give_no_scale():
     with pytest.raises(ValueError, match="at least one normal image"):
         calibration.from_normal(np.zeros(0), None, 0.1)
-    with pytest.raises(ValueError, match="all 3 normal values are equal"):
-        calibration.from_normal(np.ones(3), None, 0.1)
+    equal = calibration.from_normal(np.ones(3), None, 0.1)  # no spread: no normalisation
+    assert equal.image_scale is None and equal.image_threshold == np.nextafter(1.0, 2.0)
     with pytest.raises(ValueError, match="both normal and anomalous"):
         calibration.from_labelled([1.0, 2.0], [0, 0])
 
@@ -186,3 +186,5 @@ def test_find_image_files(tmp_path):
         find_image_files([str(tmp_path / "*.tif")])
     with pytest.raises(MissingDataError, match="does not exist"):
         find_image_files([str(tmp_path / "nope.png")])
+    with pytest.raises(InvalidImageError, match="notes.txt is not an image file"):
+        find_image_files([str(tmp_path / "d" / "notes.txt")])

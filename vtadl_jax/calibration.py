@@ -27,7 +27,9 @@ Normalised scores (`normalise`): u = 1 / (1 + exp(-(s - t) / scale)), so that th
 threshold maps to 0.5, the order of the scores (hence AUROC) is kept, and values lie in
 (0, 1). `scale` is the standard deviation of the normal calibration values (normal
 images' scores; normal pixels' map values), so one standard deviation of normal
-variation above the threshold gives 0.73, below it 0.27, whatever the model's raw units.
+variation above the threshold gives 0.73, below it 0.27, whatever the model's raw units
+(and 0.9975 at six: clearly anomalous images saturate near 1). When all normal values
+are equal there is no scale, and no normalised score.
 """
 
 from __future__ import annotations
@@ -93,15 +95,12 @@ def fpr_threshold(normal_scores: Any, fpr: float) -> float:
     return float(np.nextafter(kth, np.array(np.inf, dtype=kth.dtype)))
 
 
-def spread(normal_values: Any, what: str) -> float:
-    """Standard deviation of normal values: the scale of the normalisation."""
+def spread(normal_values: Any, what: str) -> float | None:
+    """Standard deviation of normal values: the scale of the normalisation; None when
+    all are equal (one normal image, say): then no normalised scores are given."""
     v = _values(normal_values, what).astype(np.float64)
     scale = float(v.std())
-    if not scale > 0:
-        raise ValueError(f"{what}: all {v.size} normal values are equal ({float(v[0])!r}); "
-                         "cannot set a normalisation scale (need at least two normal "
-                         "images with different scores)")
-    return scale
+    return scale if scale > 0 else None
 
 
 def normalise(values: Any, threshold: float, scale: float) -> np.ndarray:

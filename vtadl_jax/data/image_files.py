@@ -52,7 +52,8 @@ def find_image_files(specs: list[str] | tuple[str, ...], *, what: str = "--image
 
     Returns the paths in the order given (each directory's and pattern's sorted), without
     repeats. Raises MissingDataError naming the argument when a path does not exist, a
-    directory holds no image file or a pattern matches none.
+    directory holds no image file or a pattern matches none, InvalidImageError when a
+    file named explicitly has no image extension.
     """
     found: list[str] = []
     for spec in specs:
@@ -64,6 +65,10 @@ def find_image_files(specs: list[str] | tuple[str, ...], *, what: str = "--image
                     f"{what}: directory {spec} holds no image file (expected files ending in "
                     f"{', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
         elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise InvalidImageError(
+                    f"{what}: {spec} is not an image file (expected a name ending in "
+                    f"{', '.join(IMAGE_EXTENSIONS)})")
             files = [str(path)]
         elif glob.has_magic(spec):
             matched = sorted(glob.glob(spec, recursive=True))

@@ -133,12 +133,12 @@ def _write_image_outputs(out_dir: str, row: dict, image: np.ndarray, amap: np.nd
         if t.pixel_scale:  # one colour scale for every image: 0.5 = the threshold
             shown = calibration.normalise(amap, t.pixel_threshold, t.pixel_scale)
             vmin, vmax, map_title = 0.0, 1.0, "normalised map (0.5 = threshold)"
-    verdict = f" {row['label']}" if row["label"] else ""
+    verdict = f"{row['label']}, " if row["label"] else ""
     value = (f"{row['score_normalised']:.2f} (raw {row['score']:.4g})"
              if row["score_normalised"] is not None else f"{row['score']:.4g}")
     row["heatmap"] = report.save_overlays(
         os.path.join(out_dir, f"{stem}_heatmap.png"), image[None], np.asarray(shown)[None],
-        titles=[f"{stem}:{verdict} score {value}"], vmin=vmin, vmax=vmax,
+        titles=[f"{stem}\n{verdict}score {value}"], vmin=vmin, vmax=vmax,
         predicted=None if predicted is None else predicted[None], map_title=map_title)
 
 
