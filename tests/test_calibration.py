@@ -188,3 +188,19 @@ def test_find_image_files(tmp_path):
         find_image_files([str(tmp_path / "nope.png")])
     with pytest.raises(InvalidImageError, match="notes.txt is not an image file"):
         find_image_files([str(tmp_path / "d" / "notes.txt")])
+
+
+def test_bottle_runner_halves_are_stratified_and_disjoint():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments.calibrate_bottle import halves
+
+    defects = np.array(["good"] * 5 + ["crack"] * 4 + ["hole"] * 1)
+    filenames = np.array([f"{i:03d}.png" for i in (4, 0, 3, 1, 2, 1, 0, 3, 2, 0)])
+    half = halves(defects, filenames)
+    for defect, n in (("good", 5), ("crack", 4), ("hole", 1)):
+        in_b = half[defects == defect].sum()
+        assert in_b == n // 2  # alternate by sorted name: A gets the extra one
+    by_name = {(d, f): h for d, f, h in zip(defects, filenames, half)}
+    assert by_name[("good", "000.png")] == 0 and by_name[("good", "001.png")] == 1
