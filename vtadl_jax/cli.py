@@ -5,6 +5,8 @@
     vtadl-jax fit      --config experiments/configs/patch_gaussian_synthetic.py --workdir runs/pg [key=value ...]
     vtadl-jax evaluate --workdir runs/pg [--overlays 6]
     vtadl-jax predict  --workdir runs/pg --images a.png b.png --out preds/
+    vtadl-jax calibrate --workdir runs/pg (--normal-dir D --fpr 0.01 | --from-test
+                        | --image-threshold X --pixel-threshold Y)
     vtadl-jax demo     --out outputs/demo
     vtadl-jax selftest [--quick] [--json PATH]
 
@@ -81,8 +83,14 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    paths = _pipeline_for(args.workdir).predict_files(args.workdir, args.images, args.out)
-    print(f"{len(paths)} heatmaps written to {args.out}")
+    _pipeline_for(args.workdir).predict_files(args.workdir, args.images, args.out)
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    _pipeline_for(args.workdir).calibrate_workdir(
+        args.workdir, normal=args.normal_dir or (), fpr=args.fpr, from_test=args.from_test,
+        image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
     return 0
 
 
@@ -145,11 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the data config")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="anomaly maps for image files")
+    p = sub.add_parser("predict", help="scores, labels, masks and heatmaps for image files")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, directories (searched recursively) and glob patterns")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("calibrate", help="store decision thresholds in a work directory")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--normal-dir", nargs="+", default=None,
+                   help="normal images (files, directories, globs) held out from training")
+    p.add_argument("--fpr", type=float, default=None,
+                   help="false-positive rate on the normal images, in (0, 1), e.g. 0.01")
+    p.add_argument("--from-test", action="store_true",
+                   help="F1-max thresholds on the labelled test split of the config")
+    p.add_argument("--image-threshold", type=float, default=None)
+    p.add_argument("--pixel-threshold", type=float, default=None)
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("demo", help="both methods on generated data, end to end")
     p.add_argument("--out", default="outputs/demo")

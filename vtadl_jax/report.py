@@ -30,14 +30,17 @@ def _to_display(image: np.ndarray) -> np.ndarray:
 
 def save_overlays(path: str, images: np.ndarray, maps: np.ndarray,
                   masks: np.ndarray | None = None, *, titles: Sequence[str] | None = None,
-                  vmin: float | None = None, vmax: float | None = None) -> str:
-    """One PNG with a row per image: input, anomaly map, overlay with the GT contour.
+                  vmin: float | None = None, vmax: float | None = None,
+                  predicted: np.ndarray | None = None, map_title: str = "anomaly map") -> str:
+    """One PNG with a row per image: input, anomaly map, overlay with mask contours.
 
     Args:
       images: (N, H, W[, C]) test images (any range; each is min-max scaled for display).
       maps: (N, H, W) anomaly maps; one colour scale for all rows (vmin/vmax default to
         the maps' 1st and 99.9th percentiles) so rows are comparable.
-      masks: optional (N, H, W) binary ground truth, drawn as a contour.
+      masks: optional (N, H, W) binary ground truth, drawn as a white contour.
+      predicted: optional (N, H, W) binary predicted masks, drawn as a red contour.
+      map_title: the title of the middle panel.
     """
     images, maps = np.asarray(images), np.asarray(maps, np.float32)
     if maps.ndim != 3 or images.shape[0] != maps.shape[0]:
@@ -51,12 +54,19 @@ def save_overlays(path: str, images: np.ndarray, maps: np.ndarray,
         axes[i, 0].imshow(img)
         axes[i, 0].set_title(titles[i] if titles else "image", fontsize=8)
         axes[i, 1].imshow(maps[i], cmap="jet", vmin=vmin, vmax=vmax)
-        axes[i, 1].set_title("anomaly map", fontsize=8)
+        axes[i, 1].set_title(map_title, fontsize=8)
         axes[i, 2].imshow(img)
         axes[i, 2].imshow(maps[i], cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
-        if masks is not None and np.asarray(masks[i]).any():
-            axes[i, 2].contour(np.asarray(masks[i]) > 0, levels=[0.5], colors="white", linewidths=1)
-        axes[i, 2].set_title("overlay + ground truth", fontsize=8)
+        overlay_title = "overlay"
+        for outline, colour, name in ((masks, "white", "ground truth"),
+                                      (predicted, "red", "predicted mask")):
+            if outline is None:
+                continue
+            overlay_title += f" + {name} ({colour})"
+            if np.asarray(outline[i]).any():
+                axes[i, 2].contour(np.asarray(outline[i]) > 0, levels=[0.5], colors=colour,
+                                   linewidths=1)
+        axes[i, 2].set_title(overlay_title, fontsize=8)
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()

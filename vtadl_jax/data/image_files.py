@@ -22,6 +22,7 @@ time nor memory. Every decode failure names the file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import os
 import re
@@ -36,7 +37,8 @@ from vtadl_jax.data.errors import (DatasetError, ImageTooLargeError, InvalidImag
                                    InvalidMaskError, MissingDataError)
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "MAX_PIXELS_ENV", "is_image_file",
-           "load_image", "load_mask", "encode_png", "image_size", "max_image_pixels"]
+           "find_image_files", "load_image", "load_mask", "encode_png", "image_size",
+           "max_image_pixels"]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # 64 Mi pixels: 192 MiB as RGB uint8
@@ -46,6 +48,57 @@ MAX_PIXELS_ENV = "VTADL_MAX_IMAGE_PIXELS"
 def is_image_file(path: Path) -> bool:
     """True when ``path`` is a regular file with a known image extension."""
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_under(directory: Path) -> list[str]:
+    """Image files below ``directory`` (recursively, sorted); other files are skipped."""
+    found = []
+    for parent, dirs, files in os.walk(directory):
+        dirs.sort()
+        found += [os.path.join(parent, f) for f in sorted(files)
+                  if is_image_file(Path(parent, f))]
+    return found
+
+
+def find_image_files(specs: list[str] | tuple[str, ...], *, what: str = "--images") -> list[str]:
+    """Image files named by files, directories (searched recursively for the extensions
+    of ``IMAGE_EXTENSIONS``; other files skipped) and glob patterns (``**`` recursive).
+
+    Returns the paths in the order given (each directory's and pattern's sorted), without
+    repeats. Raises MissingDataError naming the argument when a path does not exist, a
+    directory holds no image file or a pattern matches none, InvalidImageError when a
+    file named explicitly has no image extension.
+    """
+    found: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            files = _images_under(path)
+            if not files:
+                raise MissingDataError(
+                    f"{what}: directory {spec} holds no image file (expected files ending in "
+                    f"{', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise InvalidImageError(
+                    f"{what}: {spec} is not an image file (expected a name ending in "
+                    f"{', '.join(IMAGE_EXTENSIONS)})")
+            files = [str(path)]
+        elif glob.has_magic(spec):
+            matched = sorted(glob.glob(spec, recursive=True))
+            files = [m for m in matched if is_image_file(Path(m))]
+            for m in matched:
+                if Path(m).is_dir():
+                    files += _images_under(Path(m))
+            if not files:
+                raise MissingDataError(
+                    f"{what}: pattern {spec!r} matches no image file"
+                    + (f" ({len(matched)} other paths matched)" if matched else ""))
+        else:
+            raise MissingDataError(f"{what}: {spec} does not exist (expected an image file, "
+                                   "a directory of images or a glob pattern)")
+        found += files
+    return list(dict.fromkeys(found))
 
 
 def max_image_pixels(limit: int | None = None) -> int:

@@ -1,9 +1,11 @@
 """What both methods' pipelines share: the work directory, data from a config, and the
-evaluation report (metrics JSON, heatmap overlays, ROC curve)."""
+evaluation report (metrics JSON with the decision metrics at the stored thresholds,
+heatmap overlays, ROC curve). Predicting on files and calibrating: `inference`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -12,8 +14,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vtadl_jax import data as data_lib
-from vtadl_jax import evaluate, metrics, records, report
+from vtadl_jax import calibration, evaluate, metrics, records, report
 from vtadl_jax.errors import RunRecordError
+from vtadl_jax.metrics.decisions import confusion, mask_overlap
 
 RUN_FILE = "run.json"
 
@@ -109,6 +112,44 @@ def collect_outputs(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
     return result
 
 
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN (an undefined ratio) -> None."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def decision_metrics(outputs: dict[str, np.ndarray],
+                     thresholds: calibration.Thresholds) -> dict[str, Any]:
+    """Image confusion matrix and pixel IoU / Dice at the stored thresholds."""
+    out: dict[str, Any] = {"thresholds": thresholds.to_json()}
+    if thresholds.image_threshold is not None:
+        for k, v in confusion(outputs["scores"], outputs["labels"],
+                              thresholds.image_threshold).items():
+            out[f"image_{k}"] = _clean(v)
+    masks = outputs["masks"]
+    if thresholds.pixel_threshold is not None and masks.ndim == 3 and masks.any():
+        for k, v in mask_overlap(outputs["maps"], masks, thresholds.pixel_threshold).items():
+            out[f"pixel_{k}"] = _clean(v)
+    return out
+
+
+def thresholds_for_evaluation(workdir: str, outputs: dict[str, np.ndarray]
+                              ) -> tuple[calibration.Thresholds | None, str]:
+    """The stored thresholds; without any, F1-max on this labelled split (stored)."""
+    stored = calibration.load(workdir)
+    if stored is not None:
+        return stored, "stored"
+    labels = outputs["labels"]
+    if not 0 < labels.sum() < labels.size:
+        return None, "none stored and the test split holds a single class"
+    masks = outputs["masks"] if outputs["masks"].ndim == 3 else None
+    thresholds = calibration.from_labelled(outputs["scores"], labels, outputs["maps"], masks,
+                                           source="evaluate: test split")
+    calibration.save(workdir, thresholds)
+    print(f"no thresholds stored: F1-max thresholds of the test split written to "
+          f"{calibration.path(workdir)} (decision metrics below are in-sample)")
+    return thresholds, "calibrated on this split (in-sample)"
+
+
 def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: int = 6,
                  extra: dict[str, Any] | None = None, title: str = "") -> dict[str, Any]:
     """metrics.json, overlays.png and roc.png in `workdir`/eval; returns the metrics."""
@@ -120,6 +161,10 @@ def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: 
                                        outputs["labels"])
     if extra:
         result.update(extra)
+    thresholds, origin = thresholds_for_evaluation(workdir, outputs)
+    result["thresholds_origin"] = origin
+    if thresholds is not None:
+        result.update(decision_metrics(outputs, thresholds))
     per_defect = {}
     for defect in sorted(set(outputs["defects"].tolist()) - {"good", ""}):
         keep = (outputs["defects"] == defect) | (outputs["labels"] == 0)
@@ -132,8 +177,10 @@ def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: 
     if num_overlays and outputs["images"].size:
         idx = report.pick_examples(outputs["labels"], outputs["scores"], num_overlays)
         titles = [f"{outputs['defects'][i]} score={outputs['scores'][i]:.3g}" for i in idx]
+        pixel_t = thresholds.pixel_threshold if thresholds is not None else None
         report.save_overlays(os.path.join(eval_dir, "overlays.png"), outputs["images"][idx],
-                             outputs["maps"][idx], outputs["masks"][idx], titles=titles)
+                             outputs["maps"][idx], outputs["masks"][idx], titles=titles,
+                             predicted=None if pixel_t is None else outputs["maps"][idx] >= pixel_t)
     if 0 < outputs["labels"].sum() < outputs["labels"].size:
         fpr, tpr = metrics.roc_curve(outputs["scores"], outputs["labels"])[:2]
         curves = {f"image (AUROC {result['image_auroc']:.3f})": (fpr, tpr)}
@@ -163,18 +210,3 @@ def unique_names(paths: Sequence[str]) -> list[str]:
             name = f"{stem}_{seen[name]}{ext}"
         out.append(name)
     return out
-
-
-def write_predictions(out_dir: str, paths: Sequence[str], images: np.ndarray,
-                      maps: np.ndarray, scores: np.ndarray) -> list[str]:
-    """One overlay PNG per input file and scores.json (keyed by unique file names)."""
-    os.makedirs(out_dir, exist_ok=True)
-    names = unique_names(paths)
-    written = []
-    for name, image, amap in zip(names, images, np.asarray(maps)):
-        stem = os.path.splitext(name)[0]
-        written.append(report.save_overlays(os.path.join(out_dir, f"{stem}_heatmap.png"),
-                                            image[None], amap[None], titles=[stem]))
-    records.write_json_atomic({n: float(s) for n, s in zip(names, np.asarray(scores))},
-                               os.path.join(out_dir, "scores.json"))
-    return written

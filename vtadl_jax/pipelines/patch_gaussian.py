@@ -22,12 +22,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vtadl_jax import records
+from vtadl_jax import calibration, records
 from vtadl_jax.config_checks import check_patch_gaussian_config
 from vtadl_jax.methods import patch_gaussian as pg
 from vtadl_jax.models.backbones.registry import (Backbone, from_variables, load_backbone,
                                                   module_config_of)
-from vtadl_jax.pipelines import common, resume as resume_lib
+from vtadl_jax.pipelines import common, inference, resume as resume_lib
 
 METHOD = "patch_gaussian"
 
@@ -80,6 +80,7 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats not needed after
     jax.block_until_ready(model.whiten)
     fit_seconds = time.perf_counter() - start
+    calibration.discard(workdir)  # thresholds of a previous model do not fit this one
     save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds})
     # Last: a fit that fails earlier leaves a previous run's run.json, model/ and
     # model_spec.json untouched and consistent with each other.
@@ -154,9 +155,8 @@ def make_predict(model: pg.PatchGaussianModel, backbone: Backbone, out_size: tup
     return lambda images: jax.device_get(predict(arrays, _to_rgb01(images)))
 
 
-def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
-                     overrides: Sequence[str] = ()) -> dict:
-    """Score the test split of the config's dataset; write the evaluation report."""
+def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
+    """Maps, scores and ground truth of the config's test split (`common.collect_outputs`)."""
     from vtadl_jax.configs import apply_overrides
 
     _, config = common.read_run(workdir)
@@ -168,17 +168,34 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
     start = time.perf_counter()
     outputs = common.collect_outputs(make_predict(model, backbone, size), source,
                                      config.batch_size, desc="evaluate")
-    seconds = time.perf_counter() - start
+    outputs["seconds"] = time.perf_counter() - start
+    outputs["title"] = f"patch Gaussians ({model.spec.backbone})"
+    return outputs
+
+
+def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
+                     overrides: Sequence[str] = ()) -> dict:
+    """Score the test split of the config's dataset; write the evaluation report."""
+    outputs = score_test_split(workdir, overrides)
     return common.write_report(workdir, outputs, num_overlays=num_overlays,
-                               extra={"eval_seconds": seconds, "method": METHOD},
-                               title=f"patch Gaussians ({model.spec.backbone})")
+                               extra={"eval_seconds": outputs.pop("seconds"), "method": METHOD},
+                               title=outputs.pop("title"))
 
 
-def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
-    """Anomaly maps of image files as overlay PNGs (+ scores.json) in `out_dir`."""
+def scorer(workdir: str) -> inference.Scorer:
+    """The saved model as an `inference.Scorer` (maps at the images' size)."""
     _, config = common.read_run(workdir)
-    records.ensure_writable(out_dir, "--out directory")
     model, backbone = load_model(workdir)
-    images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
-    maps, scores = make_predict(model, backbone, images.shape[1:3])(images)
-    return common.write_predictions(out_dir, paths, images, maps, scores)
+    return inference.Scorer(config.data, config.batch_size,
+                            lambda size: make_predict(model, backbone, size))
+
+
+def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[dict]:
+    """Scores, labels, masks and heatmaps of image files in `out_dir` (`inference`)."""
+    return inference.predict_files(workdir, lambda: scorer(workdir), paths, out_dir)
+
+
+def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds:
+    """Store decision thresholds (`inference.calibrate_workdir` options)."""
+    return inference.calibrate_workdir(workdir, lambda: scorer(workdir),
+                                       lambda: score_test_split(workdir), **options)

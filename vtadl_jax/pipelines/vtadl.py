@@ -18,11 +18,11 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from vtadl_jax import records
+from vtadl_jax import calibration, records
 from vtadl_jax.config_checks import (check_model_and_data, check_training_data,
                                      check_vtadl_config)
 from vtadl_jax.methods import vtadl_scoring
-from vtadl_jax.pipelines import common, resume as resume_lib
+from vtadl_jax.pipelines import common, inference, resume as resume_lib
 from vtadl_jax.train import loop
 
 METHOD = "vtadl"
@@ -62,6 +62,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     start = time.perf_counter()
     state, summary = loop.train(config, workdir, source, before_write=record_run)
     summary["train_seconds"] = time.perf_counter() - start
+    calibration.discard(workdir)  # thresholds of the model before this training
     records.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
     print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")
     return state, summary
@@ -110,9 +111,8 @@ def make_predict(workdir: str, config: ml_collections.ConfigDict, batch_size: in
     return predict
 
 
-def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
-                     overrides: Sequence[str] = ()) -> dict:
-    """Score the test split of the training config's dataset; write the report."""
+def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
+    """Maps, scores and ground truth of the training config's test split."""
     from vtadl_jax.configs import apply_overrides
 
     _, config = common.read_run(workdir)
@@ -124,17 +124,36 @@ def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
     predict = make_predict(workdir, config, batch_size)
     start = time.perf_counter()
     outputs = common.collect_outputs(predict, source, batch_size, desc="evaluate")
-    seconds = time.perf_counter() - start
+    outputs["seconds"] = time.perf_counter() - start
+    outputs["title"] = f"VT-ADL ({config.model.variant})"
+    outputs["score_form"] = scoring_options(config)["score_form"]
+    return outputs
+
+
+def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
+                     overrides: Sequence[str] = ()) -> dict:
+    """Score the test split of the training config's dataset; write the report."""
+    outputs = score_test_split(workdir, overrides)
     return common.write_report(workdir, outputs, num_overlays=num_overlays,
-                               extra={"eval_seconds": seconds, "method": METHOD,
-                                      "score_form": scoring_options(config)["score_form"]},
-                               title=f"VT-ADL ({config.model.variant})")
+                               extra={"eval_seconds": outputs.pop("seconds"), "method": METHOD,
+                                      "score_form": outputs.pop("score_form")},
+                               title=outputs.pop("title"))
 
 
-def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[str]:
-    """Anomaly-map overlays (+ scores.json) of image files."""
+def scorer(workdir: str) -> inference.Scorer:
+    """The trained model as an `inference.Scorer` (maps at the input resolution)."""
     _, config = common.read_run(workdir)
-    records.ensure_writable(out_dir, "--out directory")
-    images = np.stack([common.load_image_for_inference(p, config.data) for p in paths])
-    maps, scores = make_predict(workdir, config)(images)
-    return common.write_predictions(out_dir, paths, images, maps, scores)
+    batch_size = max(1, int(config.get("eval_batch_size", 32)))
+    predict = make_predict(workdir, config, batch_size)
+    return inference.Scorer(config.data, batch_size, lambda size: predict)
+
+
+def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[dict]:
+    """Scores, labels, masks and heatmaps of image files in `out_dir` (`inference`)."""
+    return inference.predict_files(workdir, lambda: scorer(workdir), paths, out_dir)
+
+
+def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds:
+    """Store decision thresholds (`inference.calibrate_workdir` options)."""
+    return inference.calibrate_workdir(workdir, lambda: scorer(workdir),
+                                       lambda: score_test_split(workdir), **options)
