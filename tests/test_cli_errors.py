@@ -11,6 +11,7 @@ import json
 import os
 
 import pytest
+from file_snapshot import snapshot as _snapshot
 
 from vtadl_jax import cli, records
 from vtadl_jax.data import make_synthetic_mvtec
@@ -50,17 +51,6 @@ def stub_train(monkeypatch):
 def _train(root, workdir, *extra, config=TINY):
     return ["train", "--config", config, "--workdir", str(workdir), f"data.root={root}",
             "data.backend=direct", *extra]
-
-
-def _snapshot(path):
-    """{relative path: bytes} of every file under `path` (empty if it does not exist)."""
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = f.read()
-    return out
 
 
 def _assert_user_error(capsys, rc, *needles):

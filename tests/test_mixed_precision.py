@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_images import smooth_disc_images as _dataset
 
 from vtadl_jax.configs import apply_overrides
 from vtadl_jax.models.variants import get_variant
@@ -29,19 +30,6 @@ STEPS = 30
 BATCH = 8
 LOSS_RTOL = 0.01  # see the module docstring
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _dataset(n: int = 32) -> np.ndarray:
-    """n smooth 32x32x3 images in [-1, 1]: a disc on a colour gradient."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    out = []
-    for _ in range(n):
-        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.25)
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float64)
-        col = rng.uniform(-0.6, 0.6, 3)
-        out.append(np.clip(0.5 * (xx - yy)[..., None] + col + 0.6 * disc[..., None], -1, 1))
-    return np.asarray(out, np.float32)
 
 
 def _setup(dtype: str):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from file_snapshot import snapshot as _snapshot
 
 from vtadl_jax import cli
 from vtadl_jax.data import make_synthetic_mvtec
@@ -32,16 +33,6 @@ def _state(step: int) -> TrainState:
                       params={"w": jnp.arange(4096, dtype=jnp.float32) * step},
                       batch_stats={}, opt_state={"m": jnp.full((64,), float(step))},
                       rng=jax.random.PRNGKey(step))
-
-
-def _snapshot(path):
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = f.read()
-    return out
 
 
 def _largest_data_file(step_dir):
