@@ -46,7 +46,6 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
             f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
             "choose another --workdir (nothing was overwritten)")
     config.resume = bool(resume)
-    loop.build_model(config)  # a bad model field (e.g. dtype) fails before anything is written
     replaced = resume_lib.check_resume_config(workdir, config, allow_config_change) \
         if resume and has_checkpoints else None
     source = common.make_source(config.data, "train")
