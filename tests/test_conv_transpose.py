@@ -4,14 +4,19 @@ References: a NumPy scatter loop of the definition y[i*s + a - p] += x[i] w[a] a
 adjoint (the gradients), ``jax.lax.conv_transpose`` (zero-dilated input, flipped kernel)
 and, when installed, ``torch.nn.functional.conv_transpose2d``.
 """
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtadl_jax.kernels.conv_transpose import conv_transpose, conv_transpose_output_size
+from vtadl_jax.kernels.conv_transpose import (conv_transpose, conv_transpose_output_size,
+                                              kernel_grad_gemm)
 from vtadl_jax.models.decoder import VTADL_CODE_LAYERS
 
+# the module (vtadl_jax.kernels re-exports the function under the same name)
+ct_module = importlib.import_module("vtadl_jax.kernels.conv_transpose")
 # (kernel, stride, padding, output_padding): the code decoder's six layers, the small
 # decoder's two, and odd cases (non-square stride/kernel, output padding > padding, k < s).
 CODE = [(k, s, p, 0) for _, k, s, p in VTADL_CODE_LAYERS]
@@ -70,10 +75,12 @@ def _inputs(k, seed, size=(4, 3), cin=3, cout=5):
     return rng.normal(size=(2, *size, cin)), rng.normal(size=(kh, kw, cin, cout))
 
 
+@pytest.mark.parametrize("grad_impl", ["conv", "gemm", "blocked"])
 @pytest.mark.parametrize("k,s,p,q", CASES)
-def test_values_and_gradients_match_definition(x64, k, s, p, q):
+def test_values_and_gradients_match_definition(x64, k, s, p, q, grad_impl):
     x, w = _inputs(k, seed=len(str((k, s, p, q))))
-    y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(w), s, p, q))
+    y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(w), s, p, q,
+                                  grad_impl=grad_impl))
     ref = _scatter(x, w, s, p, q)
     assert y.shape == ref.shape and y.dtype == np.float64
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
@@ -82,7 +89,8 @@ def test_values_and_gradients_match_definition(x64, k, s, p, q):
 
     g = np.random.default_rng(7).normal(size=y.shape)
     loss = lambda f: lambda a, b: jnp.sum(f(a, b) * g)  # noqa: E731
-    ours = jax.grad(loss(lambda a, b: conv_transpose(a, b, s, p, q)), argnums=(0, 1))
+    ours = jax.grad(loss(lambda a, b: conv_transpose(a, b, s, p, q, grad_impl=grad_impl)),
+                    argnums=(0, 1))
     lax_ref = jax.grad(loss(lambda a, b: _lax_reference(a, b, s, p, q)), argnums=(0, 1))
     dx, dw = ours(jnp.asarray(x), jnp.asarray(w))
     rx, rw = _scatter_adjoint(x, w, g, s, p)
@@ -91,6 +99,66 @@ def test_values_and_gradients_match_definition(x64, k, s, p, q):
     lx, lw = lax_ref(jnp.asarray(x), jnp.asarray(w))
     np.testing.assert_allclose(np.asarray(dx), np.asarray(lx), rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(np.asarray(dw), np.asarray(lw), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 700, 1 << 30])
+def test_kernel_grad_gemm_bands_equal_numpy(x64, monkeypatch, band_bytes):
+    """The banded GEMM kernel gradient against a float64 NumPy loop, for one-row bands,
+    bands that do not divide the output height (zero-padded tail) and a single band."""
+    monkeypatch.setattr(ct_module, "_BAND_BYTES", band_bytes)
+    rng = np.random.default_rng(11)
+    x, g = rng.normal(size=(2, 9, 8, 3)), rng.normal(size=(2, 7, 5, 4))  # kernel 3 x 4
+    ref = np.zeros((3, 4, 3, 4))
+    for a in range(3):
+        for b in range(4):
+            ref[a, b] = np.einsum("nijc,nijd->cd", x[:, a:a + 7, b:b + 5], g)
+    got = kernel_grad_gemm(jnp.asarray(x), jnp.asarray(g), (3, 4))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel_grad_gemm(jnp.asarray(x), jnp.asarray(g), (2, 4))
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 9, 8, 3), (3, 4)), ((1, 12, 13, 2), (11, 11)),
+                                          ((2, 7, 7, 4), (6, 6)), ((1, 5, 6, 3), (1, 2))])
+def test_conv_valid_blocked_equals_numpy(x64, shape, kernel):
+    """The 2x2-blocked convolution (values and both gradients) against float64 NumPy
+    loops of the VALID correlation, odd and even output sizes and kernels."""
+    rng = np.random.default_rng(5)
+    x, w = rng.normal(size=shape), rng.normal(size=(*kernel, shape[-1], 3))
+    kh, kw = kernel
+    oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
+    ref = np.zeros((shape[0], oh, ow, 3))
+    for a in range(kh):
+        for b in range(kw):
+            ref += x[:, a:a + oh, b:b + ow] @ w[a, b]
+    y, pull = jax.vjp(ct_module.conv_valid_blocked, jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
+    g = rng.normal(size=ref.shape)
+    dx_ref, dw_ref = np.zeros_like(x), np.zeros_like(w)
+    for a in range(kh):
+        for b in range(kw):
+            dx_ref[:, a:a + oh, b:b + ow] += g @ w[a, b].T
+            dw_ref[a, b] = np.einsum("nijc,nijd->cd", x[:, a:a + oh, b:b + ow], g)
+    dx, dw = pull(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-11, atol=1e-11)
+
+
+def test_grad_impl_choice():
+    x = jnp.ones((1, 4, 4, 2))
+
+    def custom(grad_impl, stride, cout):
+        w = jnp.ones((3, 3, 2, cout))
+        jaxpr = jax.make_jaxpr(lambda a, b: conv_transpose(a, b, stride, 1,
+                                                           grad_impl=grad_impl))(x, w)
+        return "custom_vjp" in str(jaxpr)
+    assert custom("gemm", 1, 8) and custom("blocked", 3, 2) and not custom("conv", 3, 8)
+    on_cpu = jax.default_backend() == "cpu"
+    assert custom("auto", 2, 8) == on_cpu   # 4 phases x 8 = 32 channels: "gemm"
+    assert custom("auto", 1, 3) == on_cpu   # stride 1, 3 channels: "blocked"
+    assert not custom("auto", 1, 8)         # stride 1, 8 channels: autodiff's convolution
+    with pytest.raises(ValueError, match="grad_impl must be one of"):
+        conv_transpose(x, jnp.ones((3, 3, 2, 2)), 1, 1, grad_impl="fast")
 
 
 def test_float32_and_bfloat16_run_in_input_dtype():

@@ -7,6 +7,7 @@ vs dm_pix (which clips variances at float32 eps^2); float32 vs float64 reference
 cancel in float32 and are divided by ~C2 = 9e-4); float32 vs torch float32 atol 5e-6.
 """
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +162,12 @@ def test_gradients_finite_at_equal_images(x64, padding):
     x, y = _pair((1, 13, 12, 2), seed=9)
     x, y = jnp.asarray(x), jnp.asarray(y)
     f = jax.jit(lambda a, b: ssim(a, b, max_val=1.0, padding=padding))
-    check_grads(lambda a: f(a, x), (x,), order=1, modes=("fwd", "rev"))
-    check_grads(lambda a: f(a, y), (x,), order=1, modes=("fwd", "rev"))
+    check_grads(lambda a: f(a, x), (x,), order=2, modes=("rev",))
+    check_grads(lambda a: f(a, y), (x,), order=2, modes=("rev",))
+    f_any = jax.jit(lambda a, b: ssim(a, b, max_val=1.0, padding=padding,
+                                      fast_reverse=False))
+    check_grads(lambda a: f_any(a, x), (x,), order=1, modes=("fwd", "rev"))
+    check_grads(lambda a: f_any(a, y), (x,), order=1, modes=("fwd", "rev"))
     g = jax.jit(jax.grad(lambda a: ssim_loss(a, x, max_val=1.0, padding=padding).sum()))(x)
     assert np.all(np.isfinite(np.asarray(g)))
     np.testing.assert_allclose(np.asarray(g), 0.0, rtol=0, atol=1e-12)  # SSIM max at x == y
@@ -186,3 +191,27 @@ def test_bad_arguments():
         ssim(x, x, max_val=1.0, k2=-0.1)
     with pytest.raises(ValueError, match="filter_size=11"):
         ssim(x[:, :10], x[:, :10], max_val=1.0, padding="valid")
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_custom_vjp_blur_equals_autodiff(x64, padding):
+    """The blur's hand-written adjoint (reversed taps, complementary padding) against
+    autodiff of the plain shifted-slice sum, for z and for asymmetric taps, float64."""
+    mod = importlib.import_module("vtadl_jax.kernels.ssim")
+    rng = np.random.default_rng(3)
+    z = jnp.asarray(rng.standard_normal((2, 17, 14, 3)))
+    taps = jnp.asarray(rng.uniform(0.1, 1.0, 5))  # not symmetric: catches a missed flip
+    out = mod._separable_blur(z, taps, padding)
+    g = jnp.asarray(rng.standard_normal(out.shape))
+    plain = lambda a, t: mod._shift_sum(a, t, mod._blur_pads(5, padding))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain(z, taps)), rtol=0, atol=1e-13)
+    got = jax.vjp(lambda a, t: mod._separable_blur(a, t, padding), z, taps)[1](g)
+    want = jax.vjp(plain, z, taps)[1](g)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+    # and the whole SSIM gradient equals plain autodiff's
+    x, y = _pair((2, 15, 13, 3), seed=5)
+    gf = jax.grad(lambda a: ssim(a, y, max_val=1.0, padding=padding).sum())(jnp.asarray(x))
+    gp = jax.grad(lambda a: ssim(a, y, max_val=1.0, padding=padding,
+                                 fast_reverse=False).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(gf), np.asarray(gp), rtol=0, atol=1e-13)

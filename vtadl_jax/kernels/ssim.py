@@ -26,6 +26,8 @@ Two border conventions:
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,26 +71,60 @@ def _gaussian_window(filter_size: int, filter_sigma, dtype) -> jax.Array:
     return taps / jnp.sum(taps)
 
 
-def _separable_blur(z: jax.Array, taps: jax.Array, padding: str) -> jax.Array:
-    """Depthwise separable filtering of z (N, H, W, K): every channel independently.
+def _shift_sum(z: jax.Array, taps: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """Separable correlation of z (N, H, W, K) with ``taps`` along H then W, after zero
+    padding of ``pads`` = (before, after) on both axes: out[i] = sum_k taps[k] z[i + k].
 
-    Written as a sum of shifted slices (correlation: out[i] = sum_k taps[k] z[i + k]),
-    which XLA fuses into one loop per axis. This equals a depthwise
-    ``lax.conv_general_dilated(..., feature_group_count=K)`` and is about 10x faster
-    than XLA:CPU's grouped convolution. "same": zero padding of f // 2 on each side.
-    """
+    A sum of shifted slices, which XLA fuses into one loop per axis (equal to a
+    depthwise ``lax.conv_general_dilated(..., feature_group_count=K)`` and about 10x
+    faster than XLA:CPU's grouped convolution)."""
     f = taps.shape[0]
-    if padding == "same":
-        r = f // 2
-        z = jnp.pad(z, ((0, 0), (r, r), (r, r), (0, 0)))
+    if pads != (0, 0):
+        z = jnp.pad(z, ((0, 0), pads, pads, (0, 0)))
     h_out, w_out = z.shape[1] - f + 1, z.shape[2] - f + 1
     z = sum(taps[k] * z[:, k:k + h_out] for k in range(f))
     return sum(taps[k] * z[:, :, k:k + w_out] for k in range(f))
 
 
+def _blur_pads(f: int, padding: str) -> tuple[int, int]:
+    return (f // 2, f // 2) if padding == "same" else (0, 0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _separable_blur(z: jax.Array, taps: jax.Array, padding: str) -> jax.Array:
+    """Depthwise separable filtering of z (N, H, W, K): every channel independently.
+
+    "same": zero padding of f // 2 on each side; "valid": none.
+
+    The filter is linear in z, and its adjoint is the same separable correlation with
+    the taps reversed and the complementary padding (f - 1 - before, f - 1 - after):
+    the custom VJP runs that one forward-cost pass, where autodiff of the shifted
+    slices builds f padded copies per axis (about 7x slower on XLA:CPU at 512x512).
+    The cotangent of ``taps`` is autodiff's (XLA drops it when the taps are constants).
+    """
+    return _shift_sum(z, taps, _blur_pads(taps.shape[0], padding))
+
+
+def _separable_blur_fwd(z, taps, padding):
+    return _separable_blur(z, taps, padding), (z, taps)
+
+
+def _separable_blur_bwd(padding, residuals, g):
+    z, taps = residuals
+    f = taps.shape[0]
+    before, after = _blur_pads(f, padding)
+    dz = _shift_sum(g, taps[::-1], (f - 1 - before, f - 1 - after))
+    _, pull_taps = jax.vjp(lambda t: _shift_sum(z, t, (before, after)), taps)
+    return dz, pull_taps(g)[0]
+
+
+_separable_blur.defvjp(_separable_blur_fwd, _separable_blur_bwd)
+
+
 def ssim(x: jax.Array, y: jax.Array, *, max_val: float, filter_size: int = 11,
          filter_sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03,
-         padding: str = "same", return_map: bool = False) -> jax.Array:
+         padding: str = "same", return_map: bool = False,
+         fast_reverse: bool = True) -> jax.Array:
     """Mean SSIM per image (Wang et al. 2004) with a Gaussian window.
 
     Args:
@@ -101,6 +137,9 @@ def ssim(x: jax.Array, y: jax.Array, *, max_val: float, filter_size: int = 11,
       padding: "same" (zero padding, output H x W, pytorch_ssim) or "valid" (output
         (H - f + 1) x (W - f + 1), skimage / dm_pix). Static.
       return_map: return the per-pixel map instead of its mean. Static.
+      fast_reverse: filter through the custom-VJP blur (reverse mode about 7x faster
+        on XLA:CPU at 512x512; forward mode, ``jax.jvp`` / ``jax.jacfwd``, is then not
+        available). False: plain autodiff, both modes. Same values either way. Static.
 
     Returns:
       (N,) mean SSIM over pixels and channels, or the (N, H', W', C) SSIM map.
@@ -116,8 +155,9 @@ def ssim(x: jax.Array, y: jax.Array, *, max_val: float, filter_size: int = 11,
 
     taps = _gaussian_window(filter_size, filter_sigma, dtype)
     moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-    mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(_separable_blur(moments, taps, padding), 5,
-                                             axis=-1)
+    blur = _separable_blur if fast_reverse else (
+        lambda z, t, pad: _shift_sum(z, t, _blur_pads(t.shape[0], pad)))
+    mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(blur(moments, taps, padding), 5, axis=-1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     var_x = e_xx - mu_xx
     var_y = e_yy - mu_yy

@@ -64,6 +64,8 @@ class TorchConvTranspose(nn.Module):
       padding: p (0 <= p <= k - 1).
       dtype: compute dtype (input, kernel and bias are cast to it); None: the input's.
       output_padding: q (0 <= q < s), extra rows/columns at the end.
+      grad_impl: how ``kernels.conv_transpose`` computes the gradients ("auto": tuned
+        per layer shape on XLA:CPU, autodiff elsewhere; "conv" for forward mode).
     """
 
     features: int
@@ -72,6 +74,7 @@ class TorchConvTranspose(nn.Module):
     padding: int = 0
     dtype: Any = None
     output_padding: int = 0
+    grad_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,7 +88,8 @@ class TorchConvTranspose(nn.Module):
         kernel = self.param("kernel", init, (k, k, cin, self.features))
         bias = self.param("bias", init, (self.features,))
         dtype = self.dtype or x.dtype
-        y = conv_transpose(x.astype(dtype), kernel.astype(dtype), s, p, self.output_padding)
+        y = conv_transpose(x.astype(dtype), kernel.astype(dtype), s, p, self.output_padding,
+                           grad_impl=self.grad_impl)
         return y + bias.astype(dtype)
 
 
