@@ -16,13 +16,14 @@ Sections (each unit cached in <out>/runs/<key>.json; a rerun resumes):
   target    the recorded setting experiments/configs/vtadl_bottle.py:fixed, trained for
             its full num_steps and evaluated by the library's pipeline
             (pipelines.vtadl.evaluate_workdir, images read from the files).
-  noise     noise_std 0.2 vs 0 with the fixed setting (paper: 0.897 vs 0.807).
-  k         K sweep with the fixed setting (--ks; paper Fig. 4, authors' README:
+  noise     noise_std 0.2 vs 0 with the --base setting (paper: 0.897 vs 0.807).
+  k         K sweep with the --base setting (--ks; paper Fig. 4, authors' README:
             0.764 at K 10, 0.937 at 150, 0.935 at 200).
 The training images are decoded once and held in memory (decoding the 900x900 PNGs costs
 ~80 ms each, more than a training step). Data root: $MVTEC_AD_ROOT, else
 ../shared/data/mvtec_ad beside the repository. Outputs: table.md/.csv (ablation),
-target.md, noise.md, k_sweep.md (+ .csv), ablation.png, noise.png, k_sweep.png and
+target.md, noise_<base>.md, k_sweep_<base>.md (+ .csv), ablation.png, noise_<base>.png,
+k_sweep_<base>.png and
 overlays_<unit>.png (two test images per defect type, one colour scale).
 """
 from __future__ import annotations
@@ -345,8 +346,9 @@ def run_ablation(args, notes: list[str]) -> None:
         rows += rows_of(r)
     # The failing setting at this length: a checkpoint of the "long" section's run (same
     # seed, batches and constant learning rate, so the same state as a run of --steps).
-    long_path = os.path.join(args.out, "runs",
-                             f"long_paper_s{args.long_steps}_seed{args.seed}.json")
+    default_steps, per_setting = long_steps(args.long_steps)
+    paper_steps = per_setting.get("paper", default_steps)
+    long_path = os.path.join(args.out, "runs", f"long_paper_s{paper_steps}_seed{args.seed}.json")
     if os.path.isfile(long_path):
         with open(long_path) as f:
             long = json.load(f)
@@ -361,12 +363,32 @@ def run_ablation(args, notes: list[str]) -> None:
              f"VT-ADL bottle ablation ({args.steps} steps, 64 px)")
 
 
+def long_steps(values: list[str]) -> tuple[int, dict[str, int]]:
+    """--long-steps "1500 no_noise=3000": (default steps, {setting: steps})."""
+    default, per_setting = 1500, {}
+    for v in values:
+        name, sep, n = v.rpartition("=")
+        try:
+            steps = int(n)
+        except ValueError:
+            raise ValueError(f"{v!r} is not N or SETTING=N") from None
+        if steps < 1:
+            raise ValueError(f"{v!r}: steps must be >= 1")
+        if sep:
+            per_setting[name] = steps
+        else:
+            default = steps
+    return default, per_setting
+
+
 def run_long(args, notes: list[str]) -> None:
     """The failing setting and the others of vtadl_bottle.py trained --long-steps, scored
     every 500 steps (raw and per-position-normalised patch NLL)."""
     rows = []
+    default_steps, per_setting = long_steps(args.long_steps)
     for setting in args.long_settings:
-        config = make_config(setting, {}, {}, steps=args.long_steps, seed=args.seed, every=500)
+        steps = per_setting.get(setting, default_steps)
+        config = make_config(setting, {}, {}, steps=steps, seed=args.seed, every=500)
         key = f"long_{setting}_s{config.num_steps}_seed{args.seed}"
 
         change = " ".join(f"{k}={v}" for k, v in setting_changes(setting).items()) or "-"
@@ -407,21 +429,23 @@ def run_long(args, notes: list[str]) -> None:
 
 def fixed_unit(args, tag: str, model: dict, factor: str, change: str,
                steps: int | None) -> dict:
-    config = make_config("fixed", model, {}, steps=steps, seed=args.seed)
-    base = dict(load_fixed_model())
+    """One unit of the noise / K sections: the --base setting with ``model`` changes."""
+    config = make_config(args.base, model, {}, steps=steps, seed=args.seed)
+    base = dict(load_setting_model(args.base))
     changed = {k: v for k, v in model.items() if base.get(k) != v}
-    # Units equal to the fixed setting (noise 0.2, K 16) share one cache entry.
-    tag = "fixed" + "".join(f"_{k}{v:g}" for k, v in sorted(changed.items()))
+    # Units equal to the base setting (e.g. noise 0.2 and K 16 for "fixed") share one
+    # cache entry.
+    tag = args.base + "".join(f"_{k}{v:g}" for k, v in sorted(changed.items()))
     key = f"{tag}_s{config.num_steps}_seed{args.seed}"
     return runner.cached(args.out, key, lambda: quality_unit(
         args.out, key, config, factor=factor, change=change,
         variants={"configured": {}}, overlays=True), fresh=args.fresh)
 
 
-def load_fixed_model() -> dict:
+def load_setting_model(setting: str) -> dict:
     from vtadl_jax.configs import load_config
 
-    return dict(load_config(f"{CONFIG}:fixed").model.overrides)
+    return dict(load_config(f"{CONFIG}:{setting}").model.overrides)
 
 
 def setting_changes(setting: str) -> dict:
@@ -434,34 +458,41 @@ def setting_changes(setting: str) -> dict:
 
 
 def run_target(args, notes: list[str]) -> None:
+    """The --targets settings of vtadl_bottle.py trained for their full num_steps and
+    evaluated by the library's pipeline (images read from the files)."""
     from vtadl_jax.pipelines import vtadl
 
-    config = make_config("fixed", {}, {}, steps=None, seed=args.seed, every=500)
-    key = f"target_fixed_s{config.num_steps}_seed{args.seed}"
+    rows = []
+    for setting in args.targets:
+        config = make_config(setting, {}, {}, steps=None, seed=args.seed, every=500)
+        key = f"target_{setting}_s{config.num_steps}_seed{args.seed}"
 
-    def unit() -> dict:
-        workdir, summary = train_unit(args.out, config)
-        result = vtadl.evaluate_workdir(workdir, num_overlays=6)  # the library's pipeline
-        test = memory_source(config, "test")
-        from vtadl_jax.train import loop
+        def unit(config=config, key=key, setting=setting) -> dict:
+            workdir, summary = train_unit(args.out, config)
+            result = vtadl.evaluate_workdir(workdir, num_overlays=6)  # the library's pipeline
+            test = memory_source(config, "test")
+            from vtadl_jax.train import loop
 
-        model, variables, _ = loop.load_trained(workdir)
-        o = score_outputs(model, variables, config, memory_source(config, "train"), test, {})
-        save_defect_overlays(os.path.join(args.out, "overlays_target.png"), test,
-                             o["anomaly_map"], o["image_score"])
-        return {"unit": key, "steps": config.num_steps, "train_seconds": summary["train_seconds"],
-                "eval_seconds": result.get("eval_seconds"), "config": config.to_dict(),
-                **{f"final_{k}": v for k, v in nll_log(workdir).items()},
-                **{m: result.get(m) for m in METRICS + ("image_auroc_per_defect",)}}
+            model, variables, _ = loop.load_trained(workdir)
+            o = score_outputs(model, variables, config, memory_source(config, "train"), test,
+                              {})
+            save_defect_overlays(os.path.join(args.out, f"overlays_target_{setting}.png"),
+                                 test, o["anomaly_map"], o["image_score"])
+            return {"unit": key, "steps": config.num_steps,
+                    "train_seconds": summary["train_seconds"],
+                    "eval_seconds": result.get("eval_seconds"), "config": config.to_dict(),
+                    **{f"final_{k}": v for k, v in nll_log(workdir).items()},
+                    **{m: result.get(m) for m in METRICS + ("image_auroc_per_defect",)}}
 
-    r = runner.cached(args.out, key, unit, fresh=args.fresh)
-    rows = [{k: r.get(k) for k in ("unit", "steps", *METRICS, "final_nll", "train_seconds",
-                                   "eval_seconds")},
-            {"unit": "paper (Mishra et al. 2021, 512 px, 400 epochs)", **PAPER_BOTTLE}]
-    runner.write_report(args.out, "target", rows, ["unit", "steps", *METRICS, "final_nll",
-                                                   "train_seconds", "eval_seconds"],
-                        title="VT-ADL recorded setting (experiments/configs/vtadl_bottle.py:"
-                              "fixed) on real MVTec AD bottle", notes=notes)
+        r = runner.cached(args.out, key, unit, fresh=args.fresh)
+        rows.append({"setting": setting, **{k: r.get(k) for k in (
+            "unit", "steps", *METRICS, "final_nll", "train_seconds", "eval_seconds")}})
+    rows.append({"unit": "paper (Mishra et al. 2021, 512 px, 400 epochs)", **PAPER_BOTTLE})
+    runner.write_report(args.out, "target", rows, ["setting", "unit", "steps", *METRICS,
+                                                   "final_nll", "train_seconds",
+                                                   "eval_seconds"],
+                        title="VT-ADL settings of experiments/configs/vtadl_bottle.py trained "
+                              "in full on real MVTec AD bottle (library pipeline)", notes=notes)
 
 
 def run_noise(args, notes: list[str]) -> None:
@@ -473,14 +504,15 @@ def run_noise(args, notes: list[str]) -> None:
         rows.append({"noise_std": noise, "steps": r["steps"], **v,
                      "final_nll": r["final_nll"], "train_seconds": r["train_seconds"],
                      "paper_pro_pixel_auroc": PAPER_NOISE[noise]})
-    runner.write_report(args.out, "noise", rows, ["noise_std", "steps", *METRICS, "final_nll",
+    runner.write_report(args.out, f"noise_{args.base}", rows, ["noise_std", "steps", *METRICS, "final_nll",
                                                   "train_seconds", "paper_pro_pixel_auroc"],
-                        title="VT-ADL training-noise ablation on real bottle (fixed setting)",
+                        title=f"VT-ADL training-noise ablation on real bottle ({args.base} "
+                              "setting)",
                         notes=notes + ["paper_pro_pixel_auroc: Mishra et al. 2021 noise on/off "
                                        "(real MVTec AD mean, full training)."])
-    line_plot(os.path.join(args.out, "noise.png"), [r["noise_std"] for r in rows],
+    line_plot(os.path.join(args.out, f"noise_{args.base}.png"), [r["noise_std"] for r in rows],
               {m: [r[m] for r in rows] for m in METRICS[:3]}, PAPER_NOISE,
-              xlabel="noise_std", title="VT-ADL bottle: training noise (fixed setting)",
+              xlabel="noise_std", title=f"VT-ADL bottle: training noise ({args.base} setting)",
               logx=False)
 
 
@@ -496,33 +528,43 @@ def run_k(args, notes: list[str]) -> None:
         if k not in args.ks:
             rows.append({"k": k, "paper_pro_pixel_auroc": v})
     cols = ["k", "steps", *METRICS, "final_nll", "train_seconds", "paper_pro_pixel_auroc"]
-    runner.write_report(args.out, "k_sweep", rows, cols,
-                        title="VT-ADL K sweep on real bottle (fixed setting)",
+    runner.write_report(args.out, f"k_sweep_{args.base}", rows, cols,
+                        title=f"VT-ADL K sweep on real bottle ({args.base} setting)",
                         notes=notes + ["paper_pro_pixel_auroc: the authors' README ablation "
                                        "(MVTec AD, 400 epochs, their 'PRO' = pixel AUROC)."])
     ran = [r for r in rows if r.get("steps")]
-    line_plot(os.path.join(args.out, "k_sweep.png"), [r["k"] for r in ran],
+    line_plot(os.path.join(args.out, f"k_sweep_{args.base}.png"), [r["k"] for r in ran],
               {m: [r[m] for r in ran] for m in METRICS[:3]}, PAPER_PRO_VS_K,
-              xlabel="K (Gaussians)", title="VT-ADL bottle: quality vs K (fixed setting)",
+              xlabel="K (Gaussians)", title=f"VT-ADL bottle: quality vs K ({args.base} setting)",
               logx=True)
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sections", nargs="+", default=["ablation", "long", "target", "noise", "k"],
                    choices=["ablation", "long", "target", "noise", "k"])
-    p.add_argument("--long-steps", type=int, default=1500)
-    p.add_argument("--long-settings", nargs="+", default=["paper", "floor_stopgrad"])
+    p.add_argument("--long-steps", nargs="+", default=["1500"],
+                   help="N (every setting) and/or SETTING=N, e.g. 1500 no_noise=3000")
+    p.add_argument("--long-settings", nargs="+", default=["paper", "floor_stopgrad", "no_noise"])
     p.add_argument("--units", nargs="*", default=None, choices=list(ABLATION),
                    help="ablation units (default all, in table order)")
     p.add_argument("--steps", type=int, default=600, help="steps per ablation/noise/K unit")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64, 150])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default="no_noise",
+                   help="vtadl_bottle.py setting the noise and K sections start from")
+    p.add_argument("--targets", nargs="+", default=["fixed", "no_noise"],
+                   help="vtadl_bottle.py settings the target section trains in full")
 
 
 def main(argv=None) -> None:
     args = runner.parse_args(__doc__.split("\n")[0], _extra, argv)
     from vtadl_jax.configs import load_config
 
+    try:
+        long_steps(args.long_steps)
+    except ValueError as e:
+        print(f"error: --long-steps: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     root = load_config(f"{CONFIG}:paper").data.root
     if not os.path.isdir(os.path.join(root, "bottle")):
         print(f"error: MVTec AD bottle not found under {root} (set MVTEC_AD_ROOT to the folder "

@@ -93,3 +93,17 @@ def test_btad_runner_falls_back_to_generated_set(tmp_path, monkeypatch):
     with open(os.path.join(out, "table.md")) as f:
         assert "BTAD_ROOT" in f.read()
     _served_from_cache(monkeypatch, reproduce_vtadl_btad.main, argv, out)
+
+
+def test_ablate_bottle_long_steps(capsys):
+    """--long-steps takes a default and per-setting step counts; bad values exit 2 with
+    the option named, before any data is read."""
+    from experiments import ablate_vtadl_bottle as ablate
+
+    assert ablate.long_steps(["1500", "no_noise=3000"]) == (1500, {"no_noise": 3000})
+    assert ablate.long_steps(["no_noise=3000"]) == (1500, {"no_noise": 3000})
+    for bad in (["x=y"], ["0"], ["paper=-5"]):
+        with pytest.raises(SystemExit) as e:
+            ablate.main(["--out", "unused", "--long-steps", *bad])
+        assert e.value.code == 2
+        assert "--long-steps" in capsys.readouterr().err

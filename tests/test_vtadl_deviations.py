@@ -133,9 +133,12 @@ def test_bottle_config_settings():
     assert model.mdn_head == "paper" and model.scale_floor == 1e-3
     assert not model.density_stop_gradient and model.noise_std == 0.2
     assert scoring_options(paper).get("nll_normalization", "none") == "none"
-    fixed = load_config(path)  # default setting
+    recorded = load_config(path)  # default setting: the paper's model without noise
+    assert scoring_options(recorded).get("nll_normalization", "none") == "none"
+    assert build_model(recorded) == model.clone(noise_std=0.0)
+    fixed = load_config(path + ":fixed")
     assert scoring_options(fixed)["nll_normalization"] == "per_position"
-    assert build_model(fixed) == model  # the recorded setting keeps the paper's model
+    assert build_model(fixed) == model  # keeps the paper's model
     floor = build_model(load_config(path + ":floor_stopgrad"))
     assert floor.scale_floor == 1.0 and floor.density_stop_gradient
     with pytest.raises(ValueError, match="arg must be one of"):

@@ -55,7 +55,7 @@ def test_vtadl_localises_defects_on_real_bottle(tmp_path):
     from vtadl_jax.pipelines import common, vtadl
 
     data = copy_bottle_subset(ROOT, str(tmp_path / "mvtec"))
-    config = load_config(os.path.join(REPO, "experiments", "configs", "vtadl_bottle.py"),
+    config = load_config(os.path.join(REPO, "experiments", "configs", "vtadl_bottle.py:fixed"),
                          [f"data.root={data}", "data.image_size=32", "num_steps=150",
                           "checkpoint.every_steps=150", "checkpoint.async_save=False",
                           "progress=False"])

@@ -8,18 +8,25 @@ paper's 512/64, D 64, depth 2, 4 heads, K 16, lr 1e-3, batch 8), on MVTec AD bot
 the paper's preprocessing (resize, centre crop, [-1, 1]; preset "vtadl_mvtec" at 64 px).
 The data root is $MVTEC_AD_ROOT, else ../shared/data/mvtec_ad beside the repository.
 
-arg (a setting; default "fixed"):
+arg (a setting; default "no_noise"):
+  "no_noise"       the recorded setting: the paper's model, head, loss and scoring with
+                   the training noise off (noise_std=0, the paper's own ablation option;
+                   no deviation), 3000 steps. Measured over training (checkpoints every
+                   500 steps): pixel AUROC 0.899-0.922, image AUROC 0.975-0.985 from 500
+                   to 3000 steps: the NLL still falls (-9757 per image at 3000) but the
+                   map keeps tracking content (position share 0.47-0.62).
   "paper"          the paper's head and loss unchanged (mixture NLL, std = softplus +
-                   1e-3). On real bottle the NLL collapses after ~500 steps (-9341 per
-                   image at 1500) and the map becomes a fixed positional pattern.
+                   1e-3, noise_std 0.2). On real bottle the NLL collapses after ~500 steps
+                   (-9341 per image at 1500) and the map becomes a fixed positional
+                   pattern.
   "floor_stopgrad" model.overrides scale_floor=1.0 and density_stop_gradient=True,
                    scoring.nll_normalization="per_position": prevents the collapse but
                    the NLL no longer shapes the encoder and the maps are weak (measured).
-  "fixed"          the recorded setting: the paper's model, head and loss, 1000 steps
-                   (the paper head's NLL collapses later), and one named test-time
+  "fixed"          the earlier recorded setting: the paper's model, head and loss, 1000
+                   steps (the paper head's NLL collapses later), and one named test-time
                    deviation, scoring.nll_normalization="per_position" (the patch NLL
                    standardised by its per-grid-position mean/std over the training
-                   images; methods/vtadl_scoring.py).
+                   images; methods/vtadl_scoring.py). Depends on stopping early.
 model.overrides.scale_floor=1.0 alone (std >= 1, the analogue of the code's variance >= 1)
 also prevents the collapse: pixel/image AUROC 0.874/0.972 raw at 1000 steps (ablation).
 Measured figures: experiments/results/mvtec_bottle/vtadl/ (ablate_vtadl_bottle.py).
@@ -41,6 +48,7 @@ SETTINGS = {
     "floor_stopgrad": ({"scale_floor": 1.0, "density_stop_gradient": True},
                        {"nll_normalization": "per_position"}, 1500),
     "fixed": ({}, {"nll_normalization": "per_position"}, 1000),
+    "no_noise": ({"noise_std": 0.0}, {}, 3000),
 }
 
 
@@ -51,7 +59,7 @@ def default_root() -> str:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    setting = arg or "fixed"
+    setting = arg or "no_noise"
     if setting not in SETTINGS:
         raise ValueError(f"vtadl_bottle.py: arg must be one of {sorted(SETTINGS)}, got {arg!r}")
     model, scoring, steps = SETTINGS[setting]
