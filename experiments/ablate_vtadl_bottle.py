@@ -562,8 +562,16 @@ def main(argv=None) -> None:
 
     try:
         long_steps(args.long_steps)
+        for option, names in (("--base", [args.base]), ("--targets", args.targets),
+                              ("--long-settings", args.long_settings)):
+            for name in names:
+                try:
+                    load_config(f"{CONFIG}:{name}")
+                except ValueError as e:
+                    raise ValueError(f"{option}: {e}") from None
     except ValueError as e:
-        print(f"error: --long-steps: {e}", file=sys.stderr)
+        msg = str(e) if str(e).startswith("--") else f"--long-steps: {e}"
+        print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
     root = load_config(f"{CONFIG}:paper").data.root
     if not os.path.isdir(os.path.join(root, "bottle")):

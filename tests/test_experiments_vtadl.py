@@ -96,8 +96,8 @@ def test_btad_runner_falls_back_to_generated_set(tmp_path, monkeypatch):
 
 
 def test_ablate_bottle_long_steps(capsys):
-    """--long-steps takes a default and per-setting step counts; bad values exit 2 with
-    the option named, before any data is read."""
+    """--long-steps takes a default and per-setting step counts; bad values (and unknown
+    vtadl_bottle.py settings) exit 2 with the option named, before any data is read."""
     from experiments import ablate_vtadl_bottle as ablate
 
     assert ablate.long_steps(["1500", "no_noise=3000"]) == (1500, {"no_noise": 3000})
@@ -107,3 +107,9 @@ def test_ablate_bottle_long_steps(capsys):
             ablate.main(["--out", "unused", "--long-steps", *bad])
         assert e.value.code == 2
         assert "--long-steps" in capsys.readouterr().err
+    for option in ("--base", "--targets", "--long-settings"):
+        with pytest.raises(SystemExit) as e:
+            ablate.main(["--out", "unused", option, "nope"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert option in err and "arg must be one of" in err
