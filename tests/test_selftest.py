@@ -42,3 +42,17 @@ def test_crashing_kernel_is_a_failed_check(monkeypatch, capsys):
     monkeypatch.setattr(selftest, "CHECKS", (selftest.check_metrics,))
     assert cli.main(["selftest", "--quick"]) == 1
     assert "RuntimeError: backend lost" in capsys.readouterr().out
+
+
+def test_broken_gradient_form_fails(monkeypatch, capsys):
+    """A kernel gradient 1% off in one gradient form fails only that form's checks."""
+    ct = importlib.import_module("vtadl_jax.kernels.conv_transpose")
+    real = ct.kernel_grad_gemm
+    monkeypatch.setattr(ct, "kernel_grad_gemm", lambda *a, **k: real(*a, **k) * 1.01)
+    monkeypatch.setattr(selftest, "CHECKS", (selftest.check_convolutions,))
+    assert cli.main(["selftest", "--quick"]) == 1
+    lines = [ln.rstrip() for ln in capsys.readouterr().out.splitlines()]
+    gemm_dw = [ln for ln in lines if ", gemm] dw" in ln and "float32" in ln]
+    assert gemm_dw and all(ln.endswith("FAIL") for ln in gemm_dw)
+    others = [ln for ln in lines if ln.startswith("conv_transpose[") and ", gemm] dw" not in ln]
+    assert others and all(ln.endswith("ok") for ln in others)

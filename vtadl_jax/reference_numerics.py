@@ -225,3 +225,50 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     lab, n = ndimage.label(mask, structure=np.ones((3, 3)))
     return [lab == r + 1 for r in range(n)]
+
+
+def conv_transpose(x, w, stride: int, padding: int):
+    """PyTorch ConvTranspose2d (no bias, NHWC, square stride/padding) by its scatter
+    definition y[i s + a - p] += x[i] w[a]; w (kh, kw, Cin, Cout)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    b, h, wd, _ = x.shape
+    kh, kw, _, co = w.shape
+    s, p = stride, padding
+    full = np.zeros((b, (h - 1) * s + kh, (wd - 1) * s + kw, co))
+    for a in range(kh):
+        for c in range(kw):
+            full[:, a:a + (h - 1) * s + 1:s, c:c + (wd - 1) * s + 1:s] += x @ w[a, c]
+    return full[:, p:full.shape[1] - p, p:full.shape[2] - p]
+
+
+def conv_transpose_vjp(x, w, g, stride: int, padding: int):
+    """(dx, dw) of sum(g * conv_transpose(x, w)) from the definition (its adjoint)."""
+    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    _, h, wd, _ = x.shape
+    kh, kw = w.shape[:2]
+    s, p = stride, padding
+    gfull = np.zeros((g.shape[0], (h - 1) * s + kh, (wd - 1) * s + kw, g.shape[3]))
+    gfull[:, p:p + g.shape[1], p:p + g.shape[2]] = g
+    dx, dw = np.zeros_like(x), np.zeros_like(w)
+    for a in range(kh):
+        for c in range(kw):
+            ga = gfull[:, a:a + (h - 1) * s + 1:s, c:c + (wd - 1) * s + 1:s]
+            dx += ga @ w[a, c].T
+            dw[a, c] = np.einsum("bhwi,bhwo->io", x, ga)
+    return dx, dw
+
+
+def separable_blur_matrix(n: int, taps, padding: str) -> np.ndarray:
+    """The 1-D correlation with ``taps`` ("same": zero padding f // 2; "valid": none) as a
+    dense (n_out, n) matrix; a separable 2-D blur is M_h z M_w^T, its adjoint M_h^T g M_w."""
+    taps = np.asarray(taps, np.float64)
+    f = taps.shape[0]
+    r = f // 2 if padding == "same" else 0
+    n_out = n + 2 * r - f + 1
+    m = np.zeros((n_out, n))
+    for i in range(n_out):
+        for k in range(f):
+            j = i + k - r
+            if 0 <= j < n:
+                m[i, j] += taps[k]
+    return m

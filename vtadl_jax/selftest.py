@@ -64,6 +64,15 @@ def compare(kernel: str, shape, dtype: str, got, want, rtol: float, atol: float)
                  dtype, max_abs, max_rel, rtol, atol, passed)
 
 
+def _sum_tol(dtype: str, want) -> tuple[float, float]:
+    """Tolerance for sums of many terms: atol relative to the largest reference value
+    (rounding of a sum scales with its terms, not with the result, which may be ~0);
+    float32 5x the base, bfloat16 the base (3% of the largest value)."""
+    rtol, atol = TOLERANCES[dtype]
+    top = max(1.0, float(np.max(np.abs(want))))
+    return rtol, atol * top * (1.0 if dtype == "bfloat16" else 5.0)
+
+
 def _cast(x: np.ndarray, dtype: str) -> tuple[jax.Array, np.ndarray]:
     """(device array in dtype, the same rounded values in float64 for the reference)."""
     arr = jnp.asarray(np.asarray(x), dtype=dtype)
@@ -187,6 +196,43 @@ def check_capsules(rng, dtypes, quick: bool) -> Iterator[Check]:
                       ref.dynamic_routing(ur, wr, 3), *_tol(dt, 5))
 
 
+def check_convolutions(rng, dtypes, quick: bool) -> Iterator[Check]:
+    """conv_transpose values and both gradients in every gradient form, and the
+    adjoint of SSIM's separable blur, against float64 definitions."""
+    ct, ss = _mod("kernels.conv_transpose"), _mod("kernels.ssim")
+    cases = [(3, 2, 1), (7, 5, 1), (11, 1, 0)] if quick else \
+        [(3, 2, 1), (9, 3, 1), (7, 5, 1), (9, 2, 0), (6, 1, 0), (11, 1, 0)]
+    for k, s, p in cases:  # the VT-ADL code decoder's (kernel, stride, padding)
+        for dt in dtypes:
+            x, xr = _cast(rng.normal(size=(2, 5, 4, 3)), dt)
+            w, wr = _cast(rng.normal(size=(k, k, 3, 4)) / k, dt)
+            want = ref.conv_transpose(xr, wr, s, p)
+            g, gr = _cast(rng.normal(size=want.shape), dt)
+            dx_want, dw_want = ref.conv_transpose_vjp(xr, wr, gr, s, p)
+            for impl in ("conv", "gemm", "blocked"):
+                tag = f"conv_transpose[k{k} s{s} p{p}, {impl}]"
+                y, pull = jax.vjp(lambda a, b: ct.conv_transpose(a, b, s, p, grad_impl=impl),
+                                  x, w)
+                dx, dw = pull(g)
+                outs = [("dx", x.shape, dx, dx_want), ("dw", w.shape, dw, dw_want)]
+                if impl == "conv":  # one forward for all: the custom forms reuse it
+                    outs.insert(0, ("", x.shape, y, want))
+                for name, shape, got, ref_val in outs:
+                    yield compare(f"{tag} {name}".rstrip(), shape, dt, got, ref_val,
+                                  *_sum_tol(dt, ref_val))
+    for dt in dtypes:
+        h, wd = (13, 11) if quick else (40, 33)
+        taps = np.asarray(ss._gaussian_window(11, 1.5, jnp.float64 if dt == "float64"
+                                              else jnp.float32), np.float64)
+        z, _ = _cast(rng.normal(size=(2, h, wd, 3)), dt)
+        g, gr = _cast(rng.normal(size=(2, h, wd, 3)), dt)
+        _, pull = jax.vjp(lambda a: ss._separable_blur(a, jnp.asarray(taps, z.dtype), "same"),
+                          z)
+        mh, mw = (ref.separable_blur_matrix(n, taps, "same") for n in (h, wd))
+        want = np.einsum("ih,nijc,jw->nhwc", mh, gr, mw)  # M_h^T g M_w
+        yield compare("ssim blur adjoint[same]", z.shape, dt, pull(g)[0], want, *_tol(dt, 2))
+
+
 def check_metrics(rng, dtypes, quick: bool) -> Iterator[Check]:
     met = _mod("metrics")
     n, h = (6, 12) if quick else (12, 32)
@@ -245,7 +291,7 @@ def check_data_parallel(rng, dtypes, quick: bool) -> Iterator[Check]:
 
 
 CHECKS: tuple[Callable, ...] = (check_images, check_mixtures, check_gaussians, check_capsules,
-                                check_metrics, check_data_parallel)
+                                check_convolutions, check_metrics, check_data_parallel)
 
 
 def run(quick: bool = False, seed: int = 0) -> dict:
