@@ -1,7 +1,8 @@
 """VT-ADL on real MVTec AD bottle: why the paper's mixture head collapses, and the fix.
 
     python experiments/ablate_vtadl_bottle.py --out experiments/results/mvtec_bottle/vtadl \
-        --sections ablation target noise k
+        --sections ablation long target noise k --steps 1000 --ks 1 4 16 64 \
+        --long-steps 1500 no_noise=3000
 
 Sections (each unit cached in <out>/runs/<key>.json; a rerun resumes):
   ablation  one factor at a time from the failing setting (experiments/configs/
@@ -13,18 +14,20 @@ Sections (each unit cached in <out>/runs/<key>.json; a rerun resumes):
             heaviest component, and "position_share", the share of the test-good patch-NLL
             variance explained by the grid position (variance of the per-position means /
             total variance; 1 = the map is a fixed pattern).
-  target    the recorded setting experiments/configs/vtadl_bottle.py:fixed, trained for
-            its full num_steps and evaluated by the library's pipeline
-            (pipelines.vtadl.evaluate_workdir, images read from the files).
+  long      the --long-settings of vtadl_bottle.py (default paper, floor_stopgrad,
+            no_noise) trained --long-steps (N, or SETTING=N), scored every 500 steps.
+  target    the --targets settings of vtadl_bottle.py (default fixed and the recorded
+            no_noise), trained for their full num_steps and evaluated by the library's
+            pipeline (pipelines.vtadl.evaluate_workdir, images read from the files).
   noise     noise_std 0.2 vs 0 with the --base setting (paper: 0.897 vs 0.807).
   k         K sweep with the --base setting (--ks; paper Fig. 4, authors' README:
             0.764 at K 10, 0.937 at 150, 0.935 at 200).
 The training images are decoded once and held in memory (decoding the 900x900 PNGs costs
 ~80 ms each, more than a training step). Data root: $MVTEC_AD_ROOT, else
 ../shared/data/mvtec_ad beside the repository. Outputs: table.md/.csv (ablation),
-target.md, noise_<base>.md, k_sweep_<base>.md (+ .csv), ablation.png, noise_<base>.png,
-k_sweep_<base>.png and
-overlays_<unit>.png (two test images per defect type, one colour scale).
+long.md, target.md, noise_<base>.md, k_sweep_<base>.md (+ .csv), ablation.png, long.png,
+noise_<base>.png, k_sweep_<base>.png and overlays_<unit>.png (two test images per defect
+type, one colour scale). Unknown settings or bad --long-steps exit 2 before any work.
 """
 from __future__ import annotations
 
