@@ -1,8 +1,9 @@
 """Sub-pixel transposed convolution vs independent definitions (float64).
 
 References: a NumPy scatter loop of the definition y[i*s + a - p] += x[i] w[a] and its
-adjoint (the gradients), ``jax.lax.conv_transpose`` (zero-dilated input, flipped kernel)
-and, when installed, ``torch.nn.functional.conv_transpose2d``.
+adjoint (the gradients; ``vtadl_jax.reference_numerics``, also used by the selftest),
+``jax.lax.conv_transpose`` (zero-dilated input, flipped kernel) and, when installed,
+``torch.nn.functional.conv_transpose2d``.
 """
 import importlib
 
@@ -11,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtadl_jax.kernels.conv_transpose import (conv_transpose, conv_transpose_output_size,
-                                              kernel_grad_gemm)
+from vtadl_jax.kernels.conv_transpose import conv_transpose, kernel_grad_gemm
+from vtadl_jax import reference_numerics as numerics
 from vtadl_jax.models.decoder import VTADL_CODE_LAYERS
 
 # the module (vtadl_jax.kernels re-exports the function under the same name)
@@ -28,36 +29,6 @@ CASES = CODE + SMALL + ODD
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else v
-
-
-def _scatter(x, w, s, p, q):
-    """NumPy float64 definition. x (B, H, W, Ci), w (kh, kw, Ci, Co)."""
-    (sh, sw), (ph, pw), (qh, qw) = _pair(s), _pair(p), _pair(q)
-    b, h, wd, _ = x.shape
-    kh, kw, _, co = w.shape
-    oh = conv_transpose_output_size(h, kh, sh, ph, qh)
-    ow = conv_transpose_output_size(wd, kw, sw, pw, qw)
-    full = np.zeros((b, (h - 1) * sh + kh + qh, (wd - 1) * sw + kw + qw, co))
-    for a in range(kh):
-        for c in range(kw):
-            full[:, a:a + (h - 1) * sh + 1:sh, c:c + (wd - 1) * sw + 1:sw] += x @ w[a, c]
-    return full[:, ph:ph + oh, pw:pw + ow]
-
-
-def _scatter_adjoint(x, w, g, s, p):
-    """Gradients of sum(g * y) w.r.t. x and w, from the definition (NumPy float64)."""
-    (sh, sw), (ph, pw) = _pair(s), _pair(p)
-    _, h, wd, _ = x.shape
-    kh, kw = w.shape[:2]
-    gfull = np.zeros((g.shape[0], (h - 1) * sh + kh + sh, (wd - 1) * sw + kw + sw, g.shape[3]))
-    gfull[:, ph:ph + g.shape[1], pw:pw + g.shape[2]] = g
-    dx, dw = np.zeros_like(x), np.zeros_like(w)
-    for a in range(kh):
-        for c in range(kw):
-            ga = gfull[:, a:a + (h - 1) * sh + 1:sh, c:c + (wd - 1) * sw + 1:sw]
-            dx += ga @ w[a, c].T
-            dw[a, c] = np.einsum("bhwi,bhwo->io", x, ga)
-    return dx, dw
 
 
 def _lax_reference(x, w, s, p, q):
@@ -81,7 +52,7 @@ def test_values_and_gradients_match_definition(x64, k, s, p, q, grad_impl):
     x, w = _inputs(k, seed=len(str((k, s, p, q))))
     y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(w), s, p, q,
                                   grad_impl=grad_impl))
-    ref = _scatter(x, w, s, p, q)
+    ref = numerics.conv_transpose(x, w, s, p, q)
     assert y.shape == ref.shape and y.dtype == np.float64
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(y, np.asarray(_lax_reference(jnp.asarray(x), jnp.asarray(w),
@@ -93,7 +64,7 @@ def test_values_and_gradients_match_definition(x64, k, s, p, q, grad_impl):
                     argnums=(0, 1))
     lax_ref = jax.grad(loss(lambda a, b: _lax_reference(a, b, s, p, q)), argnums=(0, 1))
     dx, dw = ours(jnp.asarray(x), jnp.asarray(w))
-    rx, rw = _scatter_adjoint(x, w, g, s, p)
+    rx, rw = numerics.conv_transpose_vjp(x, w, g, s, p)
     np.testing.assert_allclose(np.asarray(dx), rx, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(np.asarray(dw), rw, rtol=1e-11, atol=1e-11)
     lx, lw = lax_ref(jnp.asarray(x), jnp.asarray(w))
@@ -163,7 +134,7 @@ def test_grad_impl_choice():
 
 def test_float32_and_bfloat16_run_in_input_dtype():
     x, w = _inputs(9, seed=1, size=(6, 6), cin=4, cout=3)
-    ref = _scatter(x, w, 2, 0, 0)
+    ref = numerics.conv_transpose(x, w, 2, 0, 0)
     y32 = conv_transpose(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), 2, 0)
     assert y32.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y32), ref, rtol=1e-4, atol=1e-4)

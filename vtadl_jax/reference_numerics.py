@@ -227,32 +227,39 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return [lab == r + 1 for r in range(n)]
 
 
-def conv_transpose(x, w, stride: int, padding: int):
-    """PyTorch ConvTranspose2d (no bias, NHWC, square stride/padding) by its scatter
-    definition y[i s + a - p] += x[i] w[a]; w (kh, kw, Cin, Cout)."""
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if np.isscalar(v) else tuple(int(u) for u in v)
+
+
+def conv_transpose(x, w, stride, padding, output_padding=0):
+    """PyTorch ConvTranspose2d (no bias, NHWC) by its scatter definition
+    y[i s + a - p] += x[i] w[a]; w (kh, kw, Cin, Cout); stride, padding and output
+    padding ints or (h, w) pairs."""
     x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    (sh, sw), (ph, pw), (qh, qw) = _pair(stride), _pair(padding), _pair(output_padding)
     b, h, wd, _ = x.shape
     kh, kw, _, co = w.shape
-    s, p = stride, padding
-    full = np.zeros((b, (h - 1) * s + kh, (wd - 1) * s + kw, co))
+    oh, ow = (h - 1) * sh - 2 * ph + kh + qh, (wd - 1) * sw - 2 * pw + kw + qw
+    full = np.zeros((b, (h - 1) * sh + kh + qh, (wd - 1) * sw + kw + qw, co))
     for a in range(kh):
         for c in range(kw):
-            full[:, a:a + (h - 1) * s + 1:s, c:c + (wd - 1) * s + 1:s] += x @ w[a, c]
-    return full[:, p:full.shape[1] - p, p:full.shape[2] - p]
+            full[:, a:a + (h - 1) * sh + 1:sh, c:c + (wd - 1) * sw + 1:sw] += x @ w[a, c]
+    return full[:, ph:ph + oh, pw:pw + ow]
 
 
-def conv_transpose_vjp(x, w, g, stride: int, padding: int):
-    """(dx, dw) of sum(g * conv_transpose(x, w)) from the definition (its adjoint)."""
+def conv_transpose_vjp(x, w, g, stride, padding):
+    """(dx, dw) of sum(g * conv_transpose(x, w)) from the definition (its adjoint); g may
+    carry output padding (its extra rows/columns read taps past the input's end)."""
     x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     _, h, wd, _ = x.shape
     kh, kw = w.shape[:2]
-    s, p = stride, padding
-    gfull = np.zeros((g.shape[0], (h - 1) * s + kh, (wd - 1) * s + kw, g.shape[3]))
-    gfull[:, p:p + g.shape[1], p:p + g.shape[2]] = g
+    gfull = np.zeros((g.shape[0], (h - 1) * sh + kh + sh, (wd - 1) * sw + kw + sw, g.shape[3]))
+    gfull[:, ph:ph + g.shape[1], pw:pw + g.shape[2]] = g
     dx, dw = np.zeros_like(x), np.zeros_like(w)
     for a in range(kh):
         for c in range(kw):
-            ga = gfull[:, a:a + (h - 1) * s + 1:s, c:c + (wd - 1) * s + 1:s]
+            ga = gfull[:, a:a + (h - 1) * sh + 1:sh, c:c + (wd - 1) * sw + 1:sw]
             dx += ga @ w[a, c].T
             dw[a, c] = np.einsum("bhwi,bhwo->io", x, ga)
     return dx, dw
