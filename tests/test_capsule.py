@@ -127,3 +127,28 @@ def test_bad_arguments():
         capsule_votes(jnp.zeros((2, 3, 4)), jnp.zeros((3, 2, 4)))
     with pytest.raises(ValueError, match="does not match"):
         capsule_votes(jnp.zeros((2, 3, 4)), jnp.zeros((3, 1, 2, 5)))
+
+
+def test_single_capsule_sum_values_and_gradients_vs_float64():
+    """s[b, o] = sum_{i,j} u[b,i,j] W[i,o,j] and its two gradients, against explicit
+    float64 sums (the diagonal-GEMM form must equal the plain contraction)."""
+    from vtadl_jax.kernels.capsule import single_capsule_sum
+
+    rng = np.random.default_rng(7)
+    u = rng.normal(size=(3, 10, 4))
+    w = rng.normal(size=(10, 6, 4))
+    g = rng.normal(size=(3, 6))
+    ref = np.zeros((3, 6))
+    for b in range(3):
+        for i in range(10):
+            ref[b] += w[i] @ u[b, i]
+    du_ref = np.einsum("bo,ioj->bij", g, w)
+    dw_ref = np.einsum("bo,bij->ioj", g, u)
+    u32, w32 = jnp.asarray(u, jnp.float32), jnp.asarray(w, jnp.float32)
+    out, pull = jax.vjp(single_capsule_sum, u32, w32)
+    du, dw = pull(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(du, du_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        single_capsule_sum(u32, w32[:, :, :3])

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from vtadl_jax.models.decoder import SmallDecoder, VTADLCodeDecoder
 from vtadl_jax.models.mdn import MixtureDensityHead
 from vtadl_jax.models.precision import at_least_float32, flax_dtype
-from vtadl_jax.kernels.capsule import squash
+from vtadl_jax.kernels.capsule import single_capsule_sum, squash
 from vtadl_jax.models.vit import PatchViT
 
 SQUASH_EPS = 1e-8
@@ -66,7 +66,7 @@ class CapsuleProjection(nn.Module):
         u = z.reshape(b, -1, self.in_dim_caps)  # the code's encoded.view(b, N*D/8, 8)
         w = self.param("W", nn.initializers.normal(0.01),
                        (u.shape[1], self.out_dim, self.in_dim_caps))
-        s = jnp.einsum("bij,ioj->bo", u, w.astype(u.dtype))
+        s = single_capsule_sum(u, w.astype(u.dtype))  # weight not transposed
         return squash(at_least_float32(s), axis=-1, eps=SQUASH_EPS)  # a norm: float32
 
 
