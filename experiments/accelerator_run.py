@@ -258,4 +258,7 @@ def _attach_table(rec: dict, out: str, key: str) -> None:
 
 
 if __name__ == "__main__":
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     sys.exit(main())

@@ -210,4 +210,7 @@ def write_outputs(out: str, rows: list[dict], not_run: list[str] = ()) -> None:
 
 
 if __name__ == "__main__":
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

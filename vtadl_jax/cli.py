@@ -212,6 +212,10 @@ USER_ERRORS = (OSError, ValueError, ConfigError, FloatingPointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # a process entry (console script / python -m), not a library call
+        from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+        reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (vtadl_jax.hostmem)
     args = parse_args(build_parser(), argv)
     try:
         return args.func(args)

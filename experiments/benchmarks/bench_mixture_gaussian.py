@@ -174,6 +174,9 @@ def _print_table(rows: list[dict], cols: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     t0 = time.perf_counter()
     all_rows = run()
     print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")

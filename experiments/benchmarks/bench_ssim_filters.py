@@ -100,5 +100,8 @@ def _format(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print(_format(run()))

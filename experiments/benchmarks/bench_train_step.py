@@ -158,4 +158,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

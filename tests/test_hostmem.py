@@ -1,0 +1,79 @@
+"""vtadl_jax.hostmem: the restart with glibc's huge-page malloc tunable."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vtadl_jax import hostmem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = ("import os, sys; from vtadl_jax.hostmem import reexec_with_hugepage_malloc; "
+         "print('start', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); "
+         "done = reexec_with_hugepage_malloc(); print('end', done, sys.argv[1:])")
+
+
+@pytest.fixture
+def applicable(monkeypatch):
+    monkeypatch.setattr(hostmem, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hostmem, "_glibc_at_least", lambda *a: True)
+    monkeypatch.setattr(hostmem.sys, "platform", "linux")
+
+
+def test_env_added_to_existing_tunables(applicable):
+    env = hostmem.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "1"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+    assert env["A"] == "1"
+    assert hostmem.hugepage_malloc_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("environ", [
+    {"VTADL_JAX_HUGEPAGE_MALLOC": "0"},                    # opt-out
+    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},          # the user's own choice
+    {"VTADL_JAX_HUGEPAGE_REEXEC": "1"},                    # already restarted once
+])
+def test_no_restart_when_not_wanted(applicable, environ):
+    assert hostmem.hugepage_malloc_env(environ) is None
+
+
+@pytest.mark.parametrize("mode", ["always", "never", None])
+def test_no_restart_unless_thp_is_madvise(applicable, monkeypatch, mode):
+    monkeypatch.setattr(hostmem, "_thp_mode", lambda: mode)
+    assert hostmem.hugepage_malloc_env({}) is None
+
+
+def test_thp_mode_parsing(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert hostmem._thp_mode(str(f)) == "madvise"
+    assert hostmem._thp_mode(str(tmp_path / "missing")) is None
+
+
+def _run(args, **env):
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("GLIBC_TUNABLES", "VTADL_JAX_HUGEPAGE_MALLOC",
+                         "VTADL_JAX_HUGEPAGE_REEXEC")}
+    full.update(env, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=full, timeout=60, check=True).stdout.split("\n")
+
+
+@pytest.mark.skipif(hostmem.hugepage_malloc_env({}) is None,
+                    reason="huge-page malloc does not apply on this machine")
+def test_restart_keeps_pid_and_arguments():
+    lines = _run(["-c", PROBE, "x", "--y"])
+    first, second, end = lines[0].split(), lines[1].split(), lines[2]
+    assert first[0] == second[0] == "start" and first[1] == second[1]  # same process
+    assert first[2] == "None" and second[2] == "glibc.malloc.hugetlb=1"
+    assert end == "end False ['x', '--y']"  # the restarted process does not restart again
+    assert len([ln for ln in lines if ln.startswith("end")]) == 1
+
+
+def test_opt_out_and_stdin_scripts_run_once():
+    lines = _run(["-c", PROBE], VTADL_JAX_HUGEPAGE_MALLOC="0")
+    assert lines[0].split()[2] == "None" and lines[1] == "end False []"
+    full = dict(os.environ, PYTHONPATH=ROOT)
+    full.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run([sys.executable, "-"], input=PROBE, capture_output=True, text=True,
+                         env=full, timeout=60, check=True).stdout  # stdin cannot be replayed
+    assert out.count("start") == 1 and "end False" in out
