@@ -46,12 +46,14 @@ def _inputs(k, seed, size=(4, 3), cin=3, cout=5):
     return rng.normal(size=(2, *size, cin)), rng.normal(size=(kh, kw, cin, cout))
 
 
-@pytest.mark.parametrize("grad_impl", ["conv", "gemm", "blocked"])
+@pytest.mark.parametrize("grad_impl,fwd_impl", [("conv", "conv"), ("gemm", "conv"),
+                                                ("blocked", "conv"), ("conv", "wblocked"),
+                                                ("blocked", "wblocked")])
 @pytest.mark.parametrize("k,s,p,q", CASES)
-def test_values_and_gradients_match_definition(x64, k, s, p, q, grad_impl):
+def test_values_and_gradients_match_definition(x64, k, s, p, q, grad_impl, fwd_impl):
     x, w = _inputs(k, seed=len(str((k, s, p, q))))
     y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(w), s, p, q,
-                                  grad_impl=grad_impl))
+                                  grad_impl=grad_impl, fwd_impl=fwd_impl))
     ref = numerics.conv_transpose(x, w, s, p, q)
     assert y.shape == ref.shape and y.dtype == np.float64
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
@@ -60,8 +62,8 @@ def test_values_and_gradients_match_definition(x64, k, s, p, q, grad_impl):
 
     g = np.random.default_rng(7).normal(size=y.shape)
     loss = lambda f: lambda a, b: jnp.sum(f(a, b) * g)  # noqa: E731
-    ours = jax.grad(loss(lambda a, b: conv_transpose(a, b, s, p, q, grad_impl=grad_impl)),
-                    argnums=(0, 1))
+    ours = jax.grad(loss(lambda a, b: conv_transpose(a, b, s, p, q, grad_impl=grad_impl,
+                                                     fwd_impl=fwd_impl)), argnums=(0, 1))
     lax_ref = jax.grad(loss(lambda a, b: _lax_reference(a, b, s, p, q)), argnums=(0, 1))
     dx, dw = ours(jnp.asarray(x), jnp.asarray(w))
     rx, rw = numerics.conv_transpose_vjp(x, w, g, s, p)
@@ -115,12 +117,62 @@ def test_conv_valid_blocked_equals_numpy(x64, shape, kernel):
     np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("shape,kernel,block", [((2, 9, 8, 3), (3, 4), 4),
+                                                ((1, 12, 13, 2), (11, 11), 4),
+                                                ((2, 7, 7, 4), (6, 6), 3),
+                                                ((1, 5, 6, 3), (1, 2), 4),
+                                                ((1, 6, 9, 2), (2, 3), 1)])
+def test_conv_valid_wblocked_equals_numpy(x64, shape, kernel, block):
+    """The width-blocked convolution (values and both gradients) against float64 NumPy
+    loops of the VALID correlation: output widths that are and are not multiples of the
+    block, blocks wider than the output, block 1."""
+    rng = np.random.default_rng(9)
+    x, w = rng.normal(size=shape), rng.normal(size=(*kernel, shape[-1], 2))
+    kh, kw = kernel
+    oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
+    ref = np.zeros((shape[0], oh, ow, 2))
+    for a in range(kh):
+        for b in range(kw):
+            ref += x[:, a:a + oh, b:b + ow] @ w[a, b]
+    y, pull = jax.vjp(lambda a, b: ct_module.conv_valid_wblocked(a, b, block),
+                      jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
+    g = rng.normal(size=ref.shape)
+    dx_ref, dw_ref = np.zeros_like(x), np.zeros_like(w)
+    for a in range(kh):
+        for b in range(kw):
+            dx_ref[:, a:a + oh, b:b + ow] += g @ w[a, b].T
+            dw_ref[a, b] = np.einsum("nijc,nijd->cd", x[:, a:a + oh, b:b + ow], g)
+    dx, dw = pull(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-11, atol=1e-11)
+
+
+def test_fwd_impl_choice():
+    x = jnp.ones((1, 4, 4, 2))
+
+    def strided(stride, cout, **kw):  # "wblocked" is a width-strided convolution
+        w = jnp.ones((3, 3, 2, cout))
+        jaxpr = jax.make_jaxpr(lambda a, b: conv_transpose(a, b, stride, 1, **kw))(x, w)
+        return "window_strides=(1, 4)" in str(jaxpr)
+    on_cpu = jax.default_backend() == "cpu"
+    assert strided(1, 3) == on_cpu and strided(1, 8) == on_cpu  # < 16 phase channels
+    assert strided(2, 3) == on_cpu                               # 4 phases x 3 = 12
+    assert not strided(2, 4) and not strided(1, 16)              # 16 phase channels
+    assert not strided(1, 3, grad_impl="conv")  # plain autodiff asked for: jvp works
+    assert strided(1, 16, fwd_impl="wblocked")
+    jax.jvp(lambda a: conv_transpose(a, jnp.ones((3, 3, 2, 3)), 1, 1, grad_impl="conv"),
+            (x,), (x,))
+    with pytest.raises(ValueError, match="fwd_impl must be one of"):
+        conv_transpose(x, jnp.ones((3, 3, 2, 2)), 1, 1, fwd_impl="fast")
+
+
 def test_grad_impl_choice():
     x = jnp.ones((1, 4, 4, 2))
 
     def custom(grad_impl, stride, cout):
         w = jnp.ones((3, 3, 2, cout))
-        jaxpr = jax.make_jaxpr(lambda a, b: conv_transpose(a, b, stride, 1,
+        jaxpr = jax.make_jaxpr(lambda a, b: conv_transpose(a, b, stride, 1, fwd_impl="conv",
                                                            grad_impl=grad_impl))(x, w)
         return "custom_vjp" in str(jaxpr)
     assert custom("gemm", 1, 8) and custom("blocked", 3, 2) and not custom("conv", 3, 8)

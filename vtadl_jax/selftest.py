@@ -197,7 +197,7 @@ def check_capsules(rng, dtypes, quick: bool) -> Iterator[Check]:
 
 
 def check_convolutions(rng, dtypes, quick: bool) -> Iterator[Check]:
-    """conv_transpose values and both gradients in every gradient form, and the
+    """conv_transpose values and both gradients in every gradient and forward form, and the
     adjoint of SSIM's separable blur, against float64 definitions."""
     ct, ss = _mod("kernels.conv_transpose"), _mod("kernels.ssim")
     cases = [(3, 2, 1), (7, 5, 1), (11, 1, 0)] if quick else \
@@ -209,13 +209,15 @@ def check_convolutions(rng, dtypes, quick: bool) -> Iterator[Check]:
             want = ref.conv_transpose(xr, wr, s, p)
             g, gr = _cast(rng.normal(size=want.shape), dt)
             dx_want, dw_want = ref.conv_transpose_vjp(xr, wr, gr, s, p)
-            for impl in ("conv", "gemm", "blocked"):
-                tag = f"conv_transpose[k{k} s{s} p{p}, {impl}]"
-                y, pull = jax.vjp(lambda a, b: ct.conv_transpose(a, b, s, p, grad_impl=impl),
-                                  x, w)
+            for impl, fwd in (("conv", "conv"), ("gemm", "conv"), ("blocked", "conv"),
+                              ("blocked", "wblocked")):
+                tag = f"conv_transpose[k{k} s{s} p{p}, {impl}" + (
+                    f", fwd {fwd}]" if fwd != "conv" else "]")
+                y, pull = jax.vjp(lambda a, b: ct.conv_transpose(a, b, s, p, grad_impl=impl,
+                                                                 fwd_impl=fwd), x, w)
                 dx, dw = pull(g)
                 outs = [("dx", x.shape, dx, dx_want), ("dw", w.shape, dw, dw_want)]
-                if impl == "conv":  # one forward for all: the custom forms reuse it
+                if impl == "conv" or fwd != "conv":  # each forward form once
                     outs.insert(0, ("", x.shape, y, want))
                 for name, shape, got, ref_val in outs:
                     yield compare(f"{tag} {name}".rstrip(), shape, dt, got, ref_val,

@@ -38,15 +38,22 @@ same values up to float rounding, and only "conv" also allows forward mode:
 * "auto" (default): on the CPU backend "gemm" for >= 32 phase channels, "blocked" for
   stride 1 with < 8 output channels, else "conv"; "conv" on other backends.
 
+The forward values are computed by ``fwd_impl``: "conv" (the phase convolution as is)
+or "wblocked" (:func:`conv_valid_wblocked`: the same convolution 4 output columns at a
+time, as one width-strided convolution with 4x the output channels); "auto" (default)
+takes "wblocked" on the CPU backend for layers with < 16 phase channels unless
+``grad_impl="conv"`` was asked for (which keeps plain autodiff, forward mode included).
+
 Measured on the project's 2-core CPU (VT-ADL decoder at 512 px, batch 2, quiet
 machine): 245 -> 497 layer (64 phase channels) kernel gradient 416 ms by "conv" vs
 131-143 ms by "gemm"; 502 -> 512 layer (3 channels) input + kernel gradient 269 ms by
-"conv" vs 75 ms by "blocked" (its forward stays the plain convolution: 177 ms, blocked
-295 ms); the 497 -> 502 layer (8 channels) is fastest with "conv" (167 ms kernel
-gradient; "gemm" 215, "blocked" 466).
+"conv" vs 75 ms by "blocked"; the 497 -> 502 layer (8 channels) is fastest with "conv"
+(167 ms kernel gradient; "gemm" 215, "blocked" 466). Forward of those two thin layers:
+163 -> 56 ms and 87 -> 41 ms by "wblocked" (2x2 "blocked" forward: 295 ms).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -87,10 +94,12 @@ def _axis_plan(size: int, k: int, s: int, p: int, q: int) -> dict:
 
 
 GRAD_IMPLS = ("auto", "conv", "gemm", "blocked")
+FWD_IMPLS = ("auto", "conv", "wblocked")
 # Patch matrix of one band of output rows, in bytes: small enough to stay in cache.
 _BAND_BYTES = 4 << 20
 _GEMM_MIN_CHANNELS = 32   # "auto": phase channels from which "gemm" wins on XLA:CPU
 _BLOCKED_MAX_CHANNELS = 8  # "auto": stride-1 output channels below which "blocked" wins
+_WBLOCKED_MAX_CHANNELS = 16  # "auto": phase channels below which "wblocked" wins
 
 
 def _conv_valid(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -172,46 +181,87 @@ def conv_valid_blocked(x: jax.Array, w: jax.Array, block: int = 2) -> jax.Array:
     return y.reshape(n, mh * block, mw * block, d)[:, :oh, :ow]
 
 
-@jax.custom_vjp
-def _conv_valid_gemm_grad(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``_conv_valid`` whose kernel gradient is :func:`kernel_grad_gemm`."""
-    return _conv_valid(x, w)
+def conv_valid_wblocked(x: jax.Array, w: jax.Array, block: int = 4) -> jax.Array:
+    """The VALID stride-1 NHWC/HWIO convolution of x with w, ``block`` outputs wide at a time.
+
+    Output column o = b m + v (v < b) reads input columns b m + v + a (a < kw), i.e.
+    columns b m + u of one (kw + b - 1)-wide window with u = v + a. So
+    y[:, :, b m + v, d] = sum_{a_h, u, c} x[:, . + a_h, b m + u, c] T[a_h, u, c, (v, d)]
+    with T[a_h, u, c, (v, d)] = w[a_h, u - v, c, d] (zero unless 0 <= u - v < kw): ONE
+    convolution of width stride b with b times the output channels and a kernel
+    b - 1 columns wider. It multiplies (kw + b - 1) / kw times as many terms as the plain
+    convolution, but gives XLA:CPU's convolution b * D output channels instead of D,
+    which is what thin layers need (VT-ADL decoder at 512 px, batch 2, this project's
+    2-core CPU, b = 4: 8 -> 3 channels 11x11, 163 -> 56 ms; 16 -> 8 channels 6x6,
+    87 -> 41 ms; b = 2, 3, 6, 8 were slower).
+    """
+    n, h, wd, c = x.shape
+    kh, kw, _, d = w.shape
+    oh, ow = h - kh + 1, wd - kw + 1
+    blocks = -(-ow // block)
+    span = block + kw - 1
+    need = (blocks - 1) * block + span  # input columns read (zeros feed cropped outputs)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, max(need - wd, 0)), (0, 0)))[:, :, :need]
+    tap = np.arange(span)[:, None] - np.arange(block)[None, :]  # (u, v) -> a = u - v
+    valid = (tap >= 0) & (tap < kw)
+    t = jnp.take(w, jnp.asarray(np.clip(tap, 0, kw - 1)), axis=1)  # (kh, span, b, c, d)
+    t = jnp.where(jnp.asarray(valid)[None, :, :, None, None], t, 0)
+    t = t.transpose(0, 1, 3, 2, 4).reshape(kh, span, c, block * d).astype(x.dtype)
+    y = lax.conv_general_dilated(x, t, window_strides=(1, block), padding="VALID",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(n, oh, blocks * block, d)[:, :, :ow]
 
 
-def _gemm_fwd(x, w):
-    return _conv_valid(x, w), (x, w)
+def _grad_conv(x, w, g):
+    return jax.vjp(_conv_valid, x, w)[1](g)
 
 
-def _gemm_bwd(residuals, g):
-    x, w = residuals
+def _grad_gemm(x, w, g):
     dx = jax.vjp(lambda a: _conv_valid(a, w), x)[1](g)[0]
     return dx, kernel_grad_gemm(x, g.astype(x.dtype), w.shape[:2]).astype(w.dtype)
 
 
-_conv_valid_gemm_grad.defvjp(_gemm_fwd, _gemm_bwd)
-
-
-@jax.custom_vjp
-def _conv_valid_blocked_grad(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``_conv_valid`` (plain forward) whose gradients are those of
-    :func:`conv_valid_blocked` (the same function)."""
-    return _conv_valid(x, w)
-
-
-def _blocked_bwd(residuals, g):
-    x, w = residuals
+def _grad_blocked(x, w, g):
     return jax.vjp(conv_valid_blocked, x, w)[1](g)
 
 
-_conv_valid_blocked_grad.defvjp(_gemm_fwd, _blocked_bwd)
+_FORWARDS = {"conv": _conv_valid, "wblocked": conv_valid_wblocked}
+_GRADIENTS = {"conv": _grad_conv, "gemm": _grad_gemm, "blocked": _grad_blocked}
 
 
-def _phase_conv(grad_impl: str, stride: tuple[int, int], out_channels: int):
-    """The stride-1 VALID convolution to use for ``grad_impl`` (see the module doc)."""
+@functools.lru_cache(maxsize=None)
+def _valid_conv(fwd_impl: str, grad_impl: str):
+    """The VALID stride-1 convolution computed by ``fwd_impl`` whose reverse-mode
+    gradients are computed by ``grad_impl`` (all forms give the same function); plain
+    autodiff (forward mode included) for ("conv", "conv")."""
+    if (fwd_impl, grad_impl) == ("conv", "conv"):
+        return _conv_valid
+    forward, gradients = _FORWARDS[fwd_impl], _GRADIENTS[grad_impl]
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return forward(x, w)
+
+    def fwd(x, w):
+        return forward(x, w), (x, w)
+
+    def bwd(residuals, g):
+        return gradients(*residuals, g)
+
+    conv.defvjp(fwd, bwd)
+    return conv
+
+
+def _phase_conv(grad_impl: str, fwd_impl: str, stride: tuple[int, int], out_channels: int):
+    """The stride-1 VALID convolution for ``grad_impl`` and ``fwd_impl`` (module doc)."""
     if grad_impl not in GRAD_IMPLS:
         raise ValueError(f"grad_impl must be one of {GRAD_IMPLS}, got {grad_impl!r}")
+    if fwd_impl not in FWD_IMPLS:
+        raise ValueError(f"fwd_impl must be one of {FWD_IMPLS}, got {fwd_impl!r}")
+    cpu = jax.default_backend() == "cpu"
+    forward_mode = grad_impl == "conv"  # asked for plain autodiff: keep jvp working
     if grad_impl == "auto":
-        if jax.default_backend() != "cpu":
+        if not cpu:
             grad_impl = "conv"
         elif stride[0] * stride[1] * out_channels >= _GEMM_MIN_CHANNELS:
             grad_impl = "gemm"
@@ -219,8 +269,10 @@ def _phase_conv(grad_impl: str, stride: tuple[int, int], out_channels: int):
             grad_impl = "blocked"
         else:
             grad_impl = "conv"
-    return {"conv": _conv_valid, "gemm": _conv_valid_gemm_grad,
-            "blocked": _conv_valid_blocked_grad}[grad_impl]
+    if fwd_impl == "auto":
+        thin = stride[0] * stride[1] * out_channels < _WBLOCKED_MAX_CHANNELS
+        fwd_impl = "wblocked" if cpu and thin and not forward_mode else "conv"
+    return _valid_conv(fwd_impl, grad_impl)
 
 
 def phase_kernel(kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
@@ -241,7 +293,7 @@ def phase_kernel(kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
 def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
                    padding: int | Sequence[int] = 0,
                    output_padding: int | Sequence[int] = 0, *,
-                   grad_impl: str = "auto") -> jax.Array:
+                   grad_impl: str = "auto", fwd_impl: str = "auto") -> jax.Array:
     """Transposed convolution with PyTorch ``conv_transpose2d`` semantics, NHWC.
 
     Args:
@@ -255,6 +307,10 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] 
       grad_impl: how reverse mode computes the gradients: "auto" (default), "conv",
         "gemm" or "blocked" (module docstring). Same values up to float rounding; only
         "conv" also supports forward mode (jax.jvp).
+      fwd_impl: how the values are computed: "auto" (default), "conv" (the phase
+        convolution as is) or "wblocked" (:func:`conv_valid_wblocked`, for thin layers
+        on XLA:CPU); any form other than ("conv", "conv") is a custom VJP (reverse
+        mode only).
 
     Returns:
       (B, H', W', Cout) with H' = (H - 1) sh - 2 ph + kh + qh (likewise W').
@@ -271,7 +327,7 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] 
     # convolution about 20x slower than that of the same convolution of a padded input.
     x = jnp.pad(x, ((0, 0), plans[0]["pad"], plans[1]["pad"], (0, 0)))
     w = phase_kernel(kernel.astype(x.dtype), s)
-    y = _phase_conv(grad_impl, s, cout)(x, w)
+    y = _phase_conv(grad_impl, fwd_impl, s, cout)(x, w)
     mh, mw = y.shape[1], y.shape[2]
     # depth-to-space: (B, Mh, Mw, sh, sw, Cout) -> (B, Mh * sh, Mw * sw, Cout)
     y = y.reshape(b, mh, mw, s[0], s[1], cout).transpose(0, 1, 3, 2, 4, 5)

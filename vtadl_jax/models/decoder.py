@@ -66,6 +66,8 @@ class TorchConvTranspose(nn.Module):
       output_padding: q (0 <= q < s), extra rows/columns at the end.
       grad_impl: how ``kernels.conv_transpose`` computes the gradients ("auto": tuned
         per layer shape on XLA:CPU, autodiff elsewhere; "conv" for forward mode).
+      fwd_impl: how it computes the values ("auto": width-blocked for thin layers on
+        XLA:CPU, the phase convolution elsewhere).
     """
 
     features: int
@@ -75,6 +77,7 @@ class TorchConvTranspose(nn.Module):
     dtype: Any = None
     output_padding: int = 0
     grad_impl: str = "auto"
+    fwd_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -89,7 +92,7 @@ class TorchConvTranspose(nn.Module):
         bias = self.param("bias", init, (self.features,))
         dtype = self.dtype or x.dtype
         y = conv_transpose(x.astype(dtype), kernel.astype(dtype), s, p, self.output_padding,
-                           grad_impl=self.grad_impl)
+                           grad_impl=self.grad_impl, fwd_impl=self.fwd_impl)
         return y + bias.astype(dtype)
 
 
