@@ -139,6 +139,14 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
     return rows
 
 
+def malloc_note() -> str:
+    """How glibc's malloc ran (``vtadl_jax.hostmem``): it changes both sides' times."""
+    tunables = os.environ.get("GLIBC_TUNABLES") or ""
+    if "glibc.malloc.hugetlb=1" in tunables:
+        return "malloc with transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+    return "default malloc (no huge pages)"
+
+
 def write(rows: list[dict], out_dir: str, meta: dict) -> None:
     from vtadl_jax.records import write_json_atomic
 
@@ -187,7 +195,9 @@ def main(argv=None) -> int:
                 note=(f"512x512x3, {args.rounds} interleaved rounds after one warm-up round; "
                       f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
                       f"jax {jax.__version__} on {jax.devices()[0].platform} "
-                      f"({os.cpu_count()} CPUs). 'official / this' > 1: this one is faster."))
+                      f"({os.cpu_count()} CPUs); {malloc_note()}, the same for both in this "
+                      f"process. 'official / this' > 1: this one is faster."),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
     rows = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases),
                on_batch=lambda rows: write(rows, args.out, meta))
     for r in rows:

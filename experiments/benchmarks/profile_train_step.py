@@ -4,8 +4,9 @@ Components of one step (Mishra et al. 2021): encoder (patch ViT), projection, de
 (train mode, BatchNorm statistics updated), MDN head + NLL, SSIM, optimiser (Adam with
 coupled weight decay), and the whole jitted step. Each component is jitted on its own,
 forward and forward+backward (vjp w.r.t. its parameters and its input, with a random
-cotangent); "bwd" = fwd+bwd - fwd. Times: median of ``--repeats`` runs after one
-warm-up; the machine is shared, so medians of few runs are what they are.
+cotangent); "bwd" = fwd+bwd - fwd. The whole step donates its state, as training does
+(each run takes the previous run's state). Times: median of ``--repeats`` runs after
+one warm-up; the machine is shared, so medians of few runs are what they are.
 
     python experiments/benchmarks/profile_train_step.py --batch 2 --tag after
     python experiments/benchmarks/profile_train_step.py --cases code --batch 8 --tag after
@@ -139,8 +140,19 @@ def profile_case(case: str, batch: int, repeats: int) -> list[dict]:
                       mesh)
     images = shard_batch(np.random.default_rng(0).uniform(
         -1, 1, (batch, *model.image_size, model.channels)).astype(np.float32), mesh)
-    step = make_train_step(model, tx, loss_cfg, mesh, donate=False)
-    gf, ms = _time(step, (state, images), repeats)
+    step = make_train_step(model, tx, loss_cfg, mesh)  # donated state, as in training
+    compiled = step.lower(state, images).compile()
+    cost = compiled.cost_analysis()
+    gf = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", np.nan)) / 1e9
+    ms = None
+    if repeats:
+        state = compiled(state, images)[0]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(compiled(state, images))[0]
+            times.append(time.perf_counter() - t0)
+        ms = 1e3 * float(np.median(times))
     rows.append(dict(case=case, batch=batch, component="whole step", fwd_bwd_gflop=gf,
                      fwd_bwd_ms=ms))
     print(json.dumps(rows[-1]), flush=True)
