@@ -22,7 +22,8 @@ it at its own start. It does nothing (returns False) when:
 * the kernel's transparent huge pages are not in ``madvise`` mode (``always``: malloc's
   mappings already get huge pages; ``never``: the tunable cannot help);
 * the interpreter was not started from a command line that can be replayed
-  (``sys.orig_argv`` empty, or an interactive session).
+  (``sys.orig_argv`` or ``sys.executable`` empty, an interactive session, a script
+  read from standard input).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def reexec_with_hugepage_malloc() -> bool:
     """
     env = hugepage_malloc_env()
     argv = list(getattr(sys, "orig_argv", []) or [])
-    if env is None or not argv or bool(getattr(sys.flags, "interactive", 0)):
+    if env is None or not argv or not sys.executable or bool(getattr(sys.flags, "interactive", 0)):
         return False
     if len(argv) == 1 or sys.argv[:1] in ([""], ["-"]):  # bare REPL or a script on stdin
         return False
