@@ -179,6 +179,28 @@ def dynamic_routing(u, w, iterations: int, eps: float = 1e-8) -> np.ndarray:
     return out
 
 
+def single_capsule_sum(u, w) -> np.ndarray:
+    """s[b] = sum_i W_i u[b, i] for W (n_in, d_out, d_in), u (B, n_in, d_in): a loop over i."""
+    u, w = _f64(u, w)
+    out = np.zeros((u.shape[0], w.shape[1]))
+    for b in range(u.shape[0]):
+        for i in range(w.shape[0]):
+            out[b] += w[i] @ u[b, i]
+    return out
+
+
+def single_capsule_sum_vjp(u, w, g) -> tuple[np.ndarray, np.ndarray]:
+    """(du, dW) of sum(g * single_capsule_sum(u, W)): du[b, i] = W_i^T g[b],
+    dW_i = sum_b g[b] u[b, i]^T (loops over b and i)."""
+    u, w, g = _f64(u, w, g)
+    du, dw = np.zeros_like(u), np.zeros_like(w)
+    for b in range(u.shape[0]):
+        for i in range(w.shape[0]):
+            du[b, i] = w[i].T @ g[b]
+            dw[i] += np.outer(g[b], u[b, i])
+    return du, dw
+
+
 # ----------------------------------------------------------------------- metrics
 def auroc(scores, labels) -> float:
     """P(score_pos > score_neg) + 0.5 P(tie), over every (positive, negative) pair."""

@@ -194,6 +194,15 @@ def check_capsules(rng, dtypes, quick: bool) -> Iterator[Check]:
         got = cap.dynamic_routing(cap.capsule_votes(u, w), 3)
         yield compare("capsule_votes+dynamic_routing[3]", (b, n_in, n_out, d_out), dt, got,
                       ref.dynamic_routing(ur, wr, 3), *_tol(dt, 5))
+        w1, w1r = _cast(rng.normal(size=(n_in, d_out, d_in)) * 0.3, dt)
+        g, gr = _cast(rng.normal(size=(b, d_out)), dt)
+        y, pull = jax.vjp(cap.single_capsule_sum, u, w1)
+        du, dw = pull(g)
+        du_want, dw_want = ref.single_capsule_sum_vjp(ur, w1r, gr)
+        for name, got_val, want_val in (("", y, ref.single_capsule_sum(ur, w1r)),
+                                        (" du", du, du_want), (" dW", dw, dw_want)):
+            yield compare(f"single_capsule_sum{name}", (b, n_in, d_out, d_in), dt, got_val,
+                          want_val, *_tol(dt, 5))
 
 
 def check_convolutions(rng, dtypes, quick: bool) -> Iterator[Check]:
