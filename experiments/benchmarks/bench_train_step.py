@@ -4,8 +4,8 @@ Every measurement runs in its own subprocess so that the host device count
 (XLA_FLAGS=--xla_force_host_platform_device_count=N, read when JAX starts) can differ:
 
 - "paper": batch 8 of 512x512x3, K 150, the code's decoder, 1 device; on a CPU a step
-  takes about two minutes (measured: 121 s on 2 shared cores), so it is compiled ahead
-  of time and a single step is timed, without warm-up;
+  takes seconds (9.2 s in float32 on the project's 2 cores, 121 s before the sub-pixel
+  decoder), so it is compiled ahead of time and a single step is timed, without warm-up;
 - "mnist": batch 64 of 28x28x1, on 1 and on 8 host devices (data-parallel
   ``shard_map``; on a CPU the 8 "devices" share the same cores, so this measures the
   overhead of the data-parallel path rather than a speed-up).
