@@ -105,7 +105,7 @@ def our_step(case: str):
 
 
 def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
-        on_batch=None) -> list[dict]:
+        warmup: int = 1, on_batch=None) -> list[dict]:
     """Interleaved timing; ``on_batch(rows)`` is called after every batch size."""
     import jax
     import numpy as np
@@ -120,12 +120,12 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
         inputs = {name: images for name in timed}
         inputs["official"] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         times: dict[str, list[float]] = {name: [] for name in timed}
-        for r in range(rounds + 1):  # round 0: warm-up (compilation, allocator)
+        for r in range(rounds + warmup):  # warm-up rounds first (compilation, allocator)
             for name, (step, _) in timed.items():
                 t0 = time.perf_counter()
                 loss = step(inputs[name])
                 dt = time.perf_counter() - t0
-                if r:
+                if r >= warmup:
                     times[name].append(dt)
                 print(f"batch {batch} round {r} {name:12s} {dt:8.3f} s  loss {loss:.5g}",
                       flush=True)
@@ -172,9 +172,14 @@ def main(argv=None) -> int:
     parser.add_argument("--official", help="checkout of github.com/pankajmishra000/VT-ADL")
     parser.add_argument("--batch", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed rounds first (compilation, allocator settling)")
     parser.add_argument("--cases", nargs="+", choices=("code", "paper"), default=["code", "paper"])
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.rounds < 1:
+        print("error: --warmup and --rounds must be >= 1", file=sys.stderr)
+        return 2
     if not args.official:
         print("bench_vs_official: skipped (no --official PATH to a checkout of "
               "github.com/pankajmishra000/VT-ADL given)")
@@ -198,7 +203,9 @@ def main(argv=None) -> int:
     meta = dict(platform=jax.devices()[0].platform, cpu_count=os.cpu_count(),
                 torch=torch.__version__, jax=jax.__version__,
                 torch_threads=torch.get_num_threads(), rounds=args.rounds,
-                note=(f"512x512x3, {args.rounds} interleaved rounds after one warm-up round; "
+                warmup=args.warmup,
+                note=(f"512x512x3, {args.rounds} interleaved rounds after {args.warmup} "
+                      f"warm-up round(s); "
                       f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
                       f"jax {jax.__version__} on {jax.devices()[0].platform} "
                       f"({os.cpu_count()} CPUs); {malloc_note()}, the same for both in this "
@@ -207,7 +214,7 @@ def main(argv=None) -> int:
                       f"'official / this' > 1: this one is faster."),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
-    rows = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases),
+    rows = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases), args.warmup,
                on_batch=lambda rows: write(rows, args.out, meta))
     for r in rows:
         print(f"batch {r['batch']} {r['impl']:12s} {r['median_s']:8.3f} s/step  "
