@@ -91,20 +91,17 @@ def test_kernel_grad_gemm_bands_equal_numpy(x64, monkeypatch, band_bytes):
         kernel_grad_gemm(jnp.asarray(x), jnp.asarray(g), (2, 4))
 
 
-@pytest.mark.parametrize("shape,kernel", [((2, 9, 8, 3), (3, 4)), ((1, 12, 13, 2), (11, 11)),
-                                          ((2, 7, 7, 4), (6, 6)), ((1, 5, 6, 3), (1, 2))])
-def test_conv_valid_blocked_equals_numpy(x64, shape, kernel):
-    """The 2x2-blocked convolution (values and both gradients) against float64 NumPy
-    loops of the VALID correlation, odd and even output sizes and kernels."""
-    rng = np.random.default_rng(5)
-    x, w = rng.normal(size=shape), rng.normal(size=(*kernel, shape[-1], 3))
-    kh, kw = kernel
-    oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
-    ref = np.zeros((shape[0], oh, ow, 3))
+def _check_valid_conv_form(form, x, w, rng):
+    """``form(x, w)`` (values and both gradients) against float64 NumPy loops of the VALID
+    stride-1 correlation y = sum_{a,b} x[:, a:a+oh, b:b+ow] @ w[a, b] and its adjoint;
+    the cotangent is drawn from ``rng``."""
+    kh, kw = w.shape[:2]
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    ref = np.zeros((x.shape[0], oh, ow, w.shape[-1]))
     for a in range(kh):
         for b in range(kw):
             ref += x[:, a:a + oh, b:b + ow] @ w[a, b]
-    y, pull = jax.vjp(ct_module.conv_valid_blocked, jnp.asarray(x), jnp.asarray(w))
+    y, pull = jax.vjp(form, jnp.asarray(x), jnp.asarray(w))
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
     g = rng.normal(size=ref.shape)
     dx_ref, dw_ref = np.zeros_like(x), np.zeros_like(w)
@@ -115,6 +112,16 @@ def test_conv_valid_blocked_equals_numpy(x64, shape, kernel):
     dx, dw = pull(jnp.asarray(g))
     np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 9, 8, 3), (3, 4)), ((1, 12, 13, 2), (11, 11)),
+                                          ((2, 7, 7, 4), (6, 6)), ((1, 5, 6, 3), (1, 2))])
+def test_conv_valid_blocked_equals_numpy(x64, shape, kernel):
+    """The 2x2-blocked convolution (values and both gradients) against float64 NumPy
+    loops of the VALID correlation, odd and even output sizes and kernels."""
+    rng = np.random.default_rng(5)
+    x, w = rng.normal(size=shape), rng.normal(size=(*kernel, shape[-1], 3))
+    _check_valid_conv_form(ct_module.conv_valid_blocked, x, w, rng)
 
 
 @pytest.mark.parametrize("shape,kernel,block", [((2, 9, 8, 3), (3, 4), 4),
@@ -128,24 +135,7 @@ def test_conv_valid_wblocked_equals_numpy(x64, shape, kernel, block):
     block, blocks wider than the output, block 1."""
     rng = np.random.default_rng(9)
     x, w = rng.normal(size=shape), rng.normal(size=(*kernel, shape[-1], 2))
-    kh, kw = kernel
-    oh, ow = shape[1] - kh + 1, shape[2] - kw + 1
-    ref = np.zeros((shape[0], oh, ow, 2))
-    for a in range(kh):
-        for b in range(kw):
-            ref += x[:, a:a + oh, b:b + ow] @ w[a, b]
-    y, pull = jax.vjp(lambda a, b: ct_module.conv_valid_wblocked(a, b, block),
-                      jnp.asarray(x), jnp.asarray(w))
-    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-12, atol=1e-12)
-    g = rng.normal(size=ref.shape)
-    dx_ref, dw_ref = np.zeros_like(x), np.zeros_like(w)
-    for a in range(kh):
-        for b in range(kw):
-            dx_ref[:, a:a + oh, b:b + ow] += g @ w[a, b].T
-            dw_ref[a, b] = np.einsum("nijc,nijd->cd", x[:, a:a + oh, b:b + ow], g)
-    dx, dw = pull(jnp.asarray(g))
-    np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-11, atol=1e-11)
-    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-11, atol=1e-11)
+    _check_valid_conv_form(lambda a, b: ct_module.conv_valid_wblocked(a, b, block), x, w, rng)
 
 
 def test_fwd_impl_choice():

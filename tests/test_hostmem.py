@@ -49,19 +49,20 @@ def test_thp_mode_parsing(tmp_path):
     assert hostmem._thp_mode(str(tmp_path / "missing")) is None
 
 
-def _run(args, **env):
+def _run(args, stdin=None, **env):
+    """stdout of ``python *args`` in this environment without any hostmem setting."""
     full = {k: v for k, v in os.environ.items()
             if k not in ("GLIBC_TUNABLES", "VTADL_JAX_HUGEPAGE_MALLOC",
                          "VTADL_JAX_HUGEPAGE_REEXEC")}
     full.update(env, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          env=full, timeout=60, check=True).stdout.split("\n")
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True,
+                          text=True, env=full, timeout=60, check=True).stdout
 
 
 @pytest.mark.skipif(hostmem.hugepage_malloc_env({}) is None,
                     reason="huge-page malloc does not apply on this machine")
 def test_restart_keeps_pid_and_arguments():
-    lines = _run(["-c", PROBE, "x", "--y"])
+    lines = _run(["-c", PROBE, "x", "--y"]).split("\n")
     first, second, end = lines[0].split(), lines[1].split(), lines[2]
     assert first[0] == second[0] == "start" and first[1] == second[1]  # same process
     assert first[2] == "None" and second[2] == "glibc.malloc.hugetlb=1"
@@ -70,10 +71,7 @@ def test_restart_keeps_pid_and_arguments():
 
 
 def test_opt_out_and_stdin_scripts_run_once():
-    lines = _run(["-c", PROBE], VTADL_JAX_HUGEPAGE_MALLOC="0")
+    lines = _run(["-c", PROBE], VTADL_JAX_HUGEPAGE_MALLOC="0").split("\n")
     assert lines[0].split()[2] == "None" and lines[1] == "end False []"
-    full = dict(os.environ, PYTHONPATH=ROOT)
-    full.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, "-"], input=PROBE, capture_output=True, text=True,
-                         env=full, timeout=60, check=True).stdout  # stdin cannot be replayed
+    out = _run(["-"], stdin=PROBE)  # a script read from stdin cannot be replayed
     assert out.count("start") == 1 and "end False" in out

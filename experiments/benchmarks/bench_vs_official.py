@@ -143,9 +143,10 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
 
 def malloc_note() -> str:
     """How glibc's malloc ran (``vtadl_jax.hostmem``): it changes both sides' times."""
-    tunables = os.environ.get("GLIBC_TUNABLES") or ""
-    if "glibc.malloc.hugetlb=1" in tunables:
-        return "malloc with transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+    from vtadl_jax.hostmem import TUNABLE
+
+    if TUNABLE in (os.environ.get("GLIBC_TUNABLES") or ""):
+        return f"malloc with transparent huge pages (GLIBC_TUNABLES={TUNABLE})"
     return "default malloc (no huge pages)"
 
 

@@ -30,19 +30,36 @@ OUT = os.path.join(ROOT, "experiments", "results", "bench")
 def _time(fn, args, repeats: int) -> tuple[float, float]:
     """(GFLOP by XLA's cost analysis, median ms) of jit(fn)(*args)."""
     import jax
+
+    return _time_compiled(jax.jit(fn).lower(*args).compile(), args, repeats)
+
+
+def _time_compiled(compiled, args, repeats: int, *, donated: bool = False
+                   ) -> tuple[float, float | None]:
+    """(GFLOP by XLA's cost analysis, median ms of ``repeats`` runs after one warm-up) of
+    ``compiled(*args)``. ``donated``: the first argument is donated, so every run takes
+    the previous run's first output in its place (a train step's state)."""
+    import jax
     import numpy as np
 
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    gflop = float(cost.get("flops", float("nan"))) / 1e9
+    from vtadl_jax.train.flops import step_flops
+
+    flops = step_flops(compiled)
+    gflop = float("nan") if flops is None else flops / 1e9
     if repeats == 0:  # FLOPs only
         return gflop, None
-    jax.block_until_ready(compiled(*args))
+    args = list(args)
+
+    def call():
+        out = jax.block_until_ready(compiled(*args))
+        if donated:
+            args[0] = out[0]
+
+    call()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        call()
         times.append(time.perf_counter() - t0)
     return gflop, 1e3 * float(np.median(times))
 
@@ -141,18 +158,8 @@ def profile_case(case: str, batch: int, repeats: int) -> list[dict]:
     images = shard_batch(np.random.default_rng(0).uniform(
         -1, 1, (batch, *model.image_size, model.channels)).astype(np.float32), mesh)
     step = make_train_step(model, tx, loss_cfg, mesh)  # donated state, as in training
-    compiled = step.lower(state, images).compile()
-    cost = compiled.cost_analysis()
-    gf = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", np.nan)) / 1e9
-    ms = None
-    if repeats:
-        state = compiled(state, images)[0]
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            state = jax.block_until_ready(compiled(state, images))[0]
-            times.append(time.perf_counter() - t0)
-        ms = 1e3 * float(np.median(times))
+    gf, ms = _time_compiled(step.lower(state, images).compile(), (state, images), repeats,
+                            donated=True)
     rows.append(dict(case=case, batch=batch, component="whole step", fwd_bwd_gflop=gf,
                      fwd_bwd_ms=ms))
     print(json.dumps(rows[-1]), flush=True)
