@@ -87,3 +87,27 @@ def test_peaks_are_consistent():
         assert 1e13 < f32 < 2e15
         assert bf16 is None or bf16 >= f32
     assert np.isfinite([p["float32"] for _, p in PEAK_FLOPS]).all()
+
+
+def test_measured_rates_are_positive_and_finite():
+    from vtadl_jax.train.flops import measure_copy_bandwidth, measure_matmul_rate
+
+    rate = measure_matmul_rate(n=256, repeats=2)
+    bw = measure_copy_bandwidth(nbytes=4 << 20, repeats=2)
+    assert np.isfinite(rate) and rate > 1e6  # any CPU does > 1 MFLOP/s
+    assert np.isfinite(bw) and bw > 1e6
+    for bad in (dict(n=0), dict(repeats=0)):
+        with pytest.raises(ValueError, match="measure_matmul_rate"):
+            measure_matmul_rate(**bad)
+    with pytest.raises(ValueError, match="measure_copy_bandwidth"):
+        measure_copy_bandwidth(nbytes=2)
+
+
+def test_step_time_floor_adds_compute_and_adam_traffic():
+    from vtadl_jax.train.flops import step_time_floor
+
+    # 100 GFLOP at 50 GFLOP/s = 2 s; 1e6 params x 7 words x 4 bytes at 28 MB/s = 1 s
+    assert step_time_floor(100e9, 50e9, 10**6, 28e6) == pytest.approx(3.0)
+    assert step_time_floor(0.0, 1.0, 10, 40.0, words_per_param=1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="step_time_floor"):
+        step_time_floor(1.0, 0.0, 1, 1.0)

@@ -1,4 +1,4 @@
-"""Train-step time of the authors' PyTorch VT-ADL code against ours, in one process.
+"""Train-step time of the authors' PyTorch VT-ADL code against ours, in one run.
 
 Mishra et al. 2021 (VT-ADL). ``--official PATH`` is a checkout of
 github.com/pankajmishra000/VT-ADL (not part of this project; nothing of it is copied
@@ -13,10 +13,15 @@ as their ``train.py`` builds it: ``VT_AE(patch_size=64, train=True)``, ``mdn1.MD
 Ours: the code-equivalent configuration ("code": routing projection, their MDN head with
 K 10, attention scale D^-0.5, -SSIM) and the paper variant ("paper", K 150), each the
 jitted data-parallel step on one device. Steps are timed in interleaved rounds (one
-step of each implementation per round, after one warm-up step each) at every batch
+step of each implementation per round, after ``--warmup`` untimed rounds) at every batch
 size, with torch's intra-op threads set to the CPU count JAX uses and its idle OpenMP
 threads sleeping (``OMP_WAIT_POLICY=PASSIVE`` unless set: spin-waiting threads would take
-the cores from the step that follows them in the round).
+the cores from the step that follows them in the round). By default
+(``--isolation process``) each implementation lives in its own spawned process, as a
+user runs it: two runtimes in one process share a malloc heap and compete with their
+thread pools, which slowed both sides by amounts that varied between runs; the idle
+processes wait on a pipe, so a round still times one step at a time on a quiet machine.
+``--isolation shared`` keeps the earlier all-in-one-process timing.
 
     python experiments/benchmarks/bench_vs_official.py --official /tmp/vtadl_official
 
@@ -40,9 +45,11 @@ NEEDED = ("VT_AE.py", "mdn1.py", "pytorch_ssim/__init__.py", "student_transforme
 
 
 def official_step(path: str, batch: int, threads: int):
-    """(step(images) -> loss, parameter count) of the authors' training step on CPU."""
+    """(step() -> loss, parameter count, info) of the authors' training step on CPU, on a
+    fixed batch of ``batch`` uniform [-1, 1] 512x512 images (the same as ours get)."""
     import importlib.util
 
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -66,8 +73,9 @@ def official_step(path: str, batch: int, threads: int):
     optimiser = torch.optim.Adam(list(model.parameters()) + list(g_estimate.parameters()),
                                  lr=1e-4, weight_decay=1e-4)
     ssim_loss = pytorch_ssim.SSIM()
+    j = torch.from_numpy(np.ascontiguousarray(_images(batch).transpose(0, 3, 1, 2)))
 
-    def step(j):
+    def step():
         model.zero_grad()  # as their train.py (the MDN's gradients are not zeroed there)
         vector, reconstructions = model(j)
         pi, mu, sigma = g_estimate(vector)
@@ -79,14 +87,16 @@ def official_step(path: str, batch: int, threads: int):
         return float(loss.item())
 
     n = sum(p.numel() for m in (model, g_estimate) for p in m.parameters())
-    return step, n
+    return step, n, dict(torch=torch.__version__, torch_threads=torch.get_num_threads())
 
 
-def our_step(case: str):
-    """(step(images) -> loss, parameter count) of our jitted step for ``case``."""
+def our_step(case: str, batch: int):
+    """(step() -> loss, parameter count, info) of our jitted step for ``case`` on the same
+    fixed batch as ``official_step`` (put on the device inside the timed step, as before)."""
     import jax
 
     from experiments.benchmarks.vtadl_cases import build_case
+    from vtadl_jax.train.flops import step_flops
     from vtadl_jax.train.state import count_params, create_train_state
     from vtadl_jax.train.step import make_mesh, make_train_step, shard_batch
 
@@ -95,50 +105,161 @@ def our_step(case: str):
     holder = {"state": create_train_state(
         model, tx, 0, (*model.image_size, model.channels),
         sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
-    fn = make_train_step(model, tx, loss_cfg, mesh)
+    images = _images(batch)
+    fn = make_train_step(model, tx, loss_cfg, mesh).lower(
+        holder["state"], shard_batch(images, mesh)).compile()  # donates the state
 
-    def step(images):
+    def step():
         holder["state"], m = fn(holder["state"], shard_batch(images, mesh))
         return float(m["loss"])
 
-    return step, count_params(holder["state"].params)
+    return step, count_params(holder["state"].params), dict(
+        jax=jax.__version__, platform=jax.devices()[0].platform, flops=step_flops(fn))
+
+
+def _images(batch: int):
+    import numpy as np
+
+    return np.random.default_rng(0).uniform(-1, 1, (batch, 512, 512, 3)).astype(np.float32)
+
+
+class _InProcess:
+    """An implementation's step built and run in this process."""
+
+    def __init__(self, factory, args):
+        self._step, self.params, self.info = factory(*args)
+
+    def step(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        loss = self._step()
+        return time.perf_counter() - t0, loss
+
+    def close(self) -> None:
+        self._step = None
+
+
+def _serve(conn, factory, args) -> None:
+    """Worker process: build the step, then run one timed step per request until None."""
+    try:
+        step, params, info = factory(*args)
+        conn.send(("ready", params, info))
+        while conn.recv() is not None:
+            t0 = time.perf_counter()
+            loss = step()
+            conn.send(("step", time.perf_counter() - t0, loss))
+    except BaseException as e:  # reported to the parent, which names the implementation
+        conn.send(("error", f"{type(e).__name__}: {e}", None))
+    finally:
+        conn.close()
+
+
+class _InWorker:
+    """An implementation's step built and run in its own (spawned) process; the parent
+    only asks for steps, so the idle implementations' processes sleep on a pipe."""
+
+    def __init__(self, name: str, factory, args):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.name = name
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._proc.start()
+        child.close()
+        _, self.params, self.info = self._reply("ready")
+
+    def _reply(self, kind: str):
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"{self.name}: worker process died "
+                               f"(exit code {self._proc.exitcode})") from None
+        if msg[0] == "error":
+            raise RuntimeError(f"{self.name}: {msg[1]}")
+        assert msg[0] == kind, msg
+        return msg
+
+    def step(self) -> tuple[float, float]:
+        self._conn.send(True)
+        _, dt, loss = self._reply("step")
+        return dt, loss
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+def interleave(factories: dict, rounds: int, warmup: int = 1, isolation: str = "process",
+               log=print) -> dict:
+    """{name: (times_s, params, info)}: every implementation's step timed in interleaved
+    rounds (one step of each per round; the first ``warmup`` rounds untimed).
+
+    ``factories``: {name: (factory, args)}, ``factory(*args) -> (step() -> loss, params,
+    info)`` a module-level function. ``isolation="process"``: each implementation runs in
+    its own spawned process (its own allocator, thread pools and OpenMP runtime; the idle
+    ones wait on a pipe), ``"shared"``: all in this process."""
+    if isolation not in ("process", "shared"):
+        raise ValueError(f"isolation {isolation!r}: expected 'process' or 'shared'")
+    runners = {}
+    try:
+        for name, (factory, args) in factories.items():
+            runners[name] = (_InWorker(name, factory, args) if isolation == "process"
+                             else _InProcess(factory, args))
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for r in range(rounds + warmup):  # warm-up rounds first (compilation, allocator)
+            for name, runner in runners.items():
+                dt, loss = runner.step()
+                if r >= warmup:
+                    times[name].append(dt)
+                log(f"round {r} {name:12s} {dt:8.3f} s  loss {loss:.5g}")
+        return {name: (times[name], runner.params, runner.info)
+                for name, runner in runners.items()}
+    finally:
+        for runner in runners.values():
+            runner.close()
 
 
 def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
-        warmup: int = 1, on_batch=None) -> list[dict]:
-    """Interleaved timing; ``on_batch(rows)`` is called after every batch size."""
-    import jax
-    import numpy as np
-    import torch
+        warmup: int = 1, on_batch=None, isolation: str = "process", threads: int = 0,
+        rates: dict | None = None) -> tuple[list[dict], dict]:
+    """(rows, info of each implementation); ``on_batch(rows)`` after every batch size.
+    ``threads``: torch's intra-op threads (0: the CPU count, what XLA:CPU uses).
+    ``rates``: {"matmul_flops_per_s", "bandwidth_bytes_per_s"} measured on this machine:
+    each of our rows then gets ``floor_s`` (``train.flops.step_time_floor`` of its XLA
+    FLOPs and parameters) and ``official_over_floor``, the best ratio these FLOPs allow."""
+    from vtadl_jax.train.flops import step_time_floor
 
-    threads = os.cpu_count() if jax.devices()[0].platform == "cpu" else 1
-    rows = []
+    threads = threads or os.cpu_count()
+    rows, infos = [], {}
     for batch in batches:
-        images = np.random.default_rng(0).uniform(-1, 1, (batch, 512, 512, 3)).astype(np.float32)
-        timed = {"official": official_step(official, batch, threads)}
-        timed.update({f"ours ({c})": our_step(c) for c in cases})
-        inputs = {name: images for name in timed}
-        inputs["official"] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-        times: dict[str, list[float]] = {name: [] for name in timed}
-        for r in range(rounds + warmup):  # warm-up rounds first (compilation, allocator)
-            for name, (step, _) in timed.items():
-                t0 = time.perf_counter()
-                loss = step(inputs[name])
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[name].append(dt)
-                print(f"batch {batch} round {r} {name:12s} {dt:8.3f} s  loss {loss:.5g}",
-                      flush=True)
-        ref = statistics.median(times["official"])
-        for name, (_, n_params) in timed.items():
-            med = statistics.median(times[name])
-            rows.append(dict(batch=batch, impl=name, params=n_params, median_s=round(med, 3),
-                             times_s=[round(t, 3) for t in times[name]],
-                             official_over_impl=round(ref / med, 3),
-                             images_per_s=round(batch / med, 3)))
+        factories = {"official": (official_step, (official, batch, threads))}
+        factories.update({f"ours ({c})": (our_step, (c, batch)) for c in cases})
+        timed = interleave(factories, rounds, warmup, isolation,
+                           log=lambda line, b=batch: print(f"batch {b} {line}", flush=True))
+        ref = statistics.median(timed["official"][0])
+        for name, (times, n_params, info) in timed.items():
+            infos[name] = info
+            med = statistics.median(times)
+            row = dict(batch=batch, impl=name, params=n_params, median_s=round(med, 3),
+                       times_s=[round(t, 3) for t in times],
+                       official_over_impl=round(ref / med, 3),
+                       images_per_s=round(batch / med, 3))
+            if rates and info.get("flops") is not None:
+                floor = step_time_floor(info["flops"], rates["matmul_flops_per_s"], n_params,
+                                        rates["bandwidth_bytes_per_s"])
+                row.update(gflop=round(info["flops"] / 1e9, 2), floor_s=round(floor, 3),
+                           official_over_floor=round(ref / floor, 3))
+            rows.append(row)
         if on_batch is not None:
             on_batch(rows)
-    return rows
+    return rows, infos
 
 
 def malloc_note() -> str:
@@ -157,11 +278,23 @@ def write(rows: list[dict], out_dir: str, meta: dict) -> None:
     lines = ["# VT-ADL train step: the authors' PyTorch code vs ours", "",
              f"{meta['note']}", "",
              "| batch | implementation | parameters | median s/step | official / this "
-             "| images/s | rounds (s) |", "|---|---|---|---|---|---|---|"]
+             "| images/s | GFLOP (XLA) | floor s | official / floor | rounds (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        extra = [f"{r['gflop']:.1f}", f"{r['floor_s']:.3f}", f"{r['official_over_floor']:.2f}"
+                 ] if "floor_s" in r else ["-", "-", "-"]
         lines.append(f"| {r['batch']} | {r['impl']} | {r['params']:,} | {r['median_s']:.3f} | "
                      f"{r['official_over_impl']:.2f} | {r['images_per_s']:.2f} | "
+                     + " | ".join(extra) + " | "
                      f"{', '.join(f'{t:.2f}' for t in r['times_s'])} |")
+    if "rates" in meta:
+        lines += ["", f"Floor (`vtadl_jax.train.flops.step_time_floor`): XLA's FLOPs at this "
+                  f"machine's measured {meta['rates']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s "
+                  f"({meta['rates']['matmul_n']}^2 float32 matmul) plus Adam's 7 words per "
+                  f"parameter at the measured "
+                  f"{meta['rates']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (elementwise pass "
+                  f"over 256 MiB), measured before the rounds; 'official / floor' is the "
+                  f"largest ratio that step could reach here."]
     tmp = os.path.join(out_dir, ".vs_official.md.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -176,6 +309,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed rounds first (compilation, allocator settling)")
     parser.add_argument("--cases", nargs="+", choices=("code", "paper"), default=["code", "paper"])
+    parser.add_argument("--isolation", choices=("process", "shared"), default="process",
+                        help="process (default): each implementation in its own process; "
+                             "shared: all in this one")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.rounds < 1:
@@ -190,36 +326,55 @@ def main(argv=None) -> int:
         print(f"error: --official {args.official}: not a VT-ADL checkout (missing "
               f"{', '.join(missing)})", file=sys.stderr)
         return 2
-    # Idle OpenMP threads of torch sleep instead of spin-waiting: interleaved in one
-    # process, spinning threads take the cores from the next implementation's step
-    # (measured: ours 1.23 -> 1.03 s/step at batch 2). Read when torch loads libgomp.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        import torch
-    except ImportError:
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
         print("bench_vs_official: skipped (torch is not installed)")
         return 0
+    # Idle OpenMP threads of torch sleep instead of spin-waiting: interleaved in one
+    # process, spinning threads take the cores from the next implementation's step
+    # (measured: ours 1.23 -> 1.03 s/step at batch 2). Read when torch loads libgomp;
+    # inherited by the worker processes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import jax
 
-    meta = dict(platform=jax.devices()[0].platform, cpu_count=os.cpu_count(),
-                torch=torch.__version__, jax=jax.__version__,
-                torch_threads=torch.get_num_threads(), rounds=args.rounds,
-                warmup=args.warmup,
+    platform = jax.devices()[0].platform
+    threads = os.cpu_count() if platform == "cpu" else 1
+    torch_version = importlib.metadata.version("torch")
+    from vtadl_jax.train.flops import measure_copy_bandwidth, measure_matmul_rate
+
+    rates = dict(matmul_n=4096, matmul_flops_per_s=measure_matmul_rate(4096),
+                 bandwidth_bytes_per_s=measure_copy_bandwidth(256 << 20))
+    print(f"this machine: {rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (4096^2 f32 "
+          f"matmul), {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    where = ("each implementation in its own process (idle ones wait on a pipe)"
+             if args.isolation == "process" else "all implementations in one process")
+    meta = dict(platform=platform, cpu_count=os.cpu_count(), torch=torch_version,
+                jax=jax.__version__, torch_threads=threads, rounds=args.rounds,
+                warmup=args.warmup, isolation=args.isolation, rates=rates,
                 note=(f"512x512x3, {args.rounds} interleaved rounds after {args.warmup} "
-                      f"warm-up round(s); "
-                      f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-                      f"jax {jax.__version__} on {jax.devices()[0].platform} "
-                      f"({os.cpu_count()} CPUs); {malloc_note()}, the same for both in this "
-                      f"process; torch's idle threads: OMP_WAIT_POLICY="
+                      f"warm-up round(s), {where}; "
+                      f"torch {torch_version} with {threads} threads, "
+                      f"jax {jax.__version__} on {platform} "
+                      f"({os.cpu_count()} CPUs); {malloc_note()}, the same for both; "
+                      f"torch's idle threads: OMP_WAIT_POLICY="
                       f"{os.environ.get('OMP_WAIT_POLICY')}. "
                       f"'official / this' > 1: this one is faster."),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
-    rows = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases), args.warmup,
-               on_batch=lambda rows: write(rows, args.out, meta))
+    try:
+        rows, _ = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases),
+                      args.warmup, on_batch=lambda rows: write(rows, args.out, meta),
+                      isolation=args.isolation, threads=threads, rates=rates)
+    except RuntimeError as e:  # a worker failed: name it, keep what was written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for r in rows:
+        floor = (f"  floor {r['floor_s']:.3f} s, official/floor {r['official_over_floor']:.2f}"
+                 if "floor_s" in r else "")
         print(f"batch {r['batch']} {r['impl']:12s} {r['median_s']:8.3f} s/step  "
-              f"official/this {r['official_over_impl']:.2f}")
+              f"official/this {r['official_over_impl']:.2f}{floor}")
     return 0
 
 

@@ -4,9 +4,11 @@ Components of one step (Mishra et al. 2021): encoder (patch ViT), projection, de
 (train mode, BatchNorm statistics updated), MDN head + NLL, SSIM, optimiser (Adam with
 coupled weight decay), and the whole jitted step. Each component is jitted on its own,
 forward and forward+backward (vjp w.r.t. its parameters and its input, with a random
-cotangent); "bwd" = fwd+bwd - fwd. The whole step donates its state, as training does
-(each run takes the previous run's state). Times: median of ``--repeats`` runs after
-one warm-up; the machine is shared, so medians of few runs are what they are.
+cotangent); "bwd" = fwd+bwd - fwd. The whole step and the optimiser donate their state,
+as training does (each run takes the previous run's state; timed without donation, the
+optimiser's fresh outputs had cost it 199 vs 48 ms at batch 2, code case). Times: median
+of ``--repeats`` runs after one warm-up; the machine is shared, so medians of few runs
+are what they are.
 
     python experiments/benchmarks/profile_train_step.py --batch 2 --tag after
     python experiments/benchmarks/profile_train_step.py --cases code --batch 8 --tag after
@@ -124,6 +126,7 @@ def components(model, tx, loss_cfg, batch: int):
 
 def profile_case(case: str, batch: int, repeats: int) -> list[dict]:
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -147,10 +150,13 @@ def profile_case(case: str, batch: int, repeats: int) -> list[dict]:
     grads = jax.tree.map(lambda a: 1e-3 * a, params)
     opt_state = tx.init(params)
 
-    def optimiser(g, opt_state, p):
+    def optimiser(state, g):  # parameters and moments updated in place, as in the step
+        p, opt_state = state
         updates, opt_state = tx.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state
-    gf, ms = _time(optimiser, (grads, opt_state, params), repeats)
+        return (optax.apply_updates(p, updates), opt_state), {}
+    args = ((jax.tree.map(jnp.copy, params), opt_state), grads)
+    gf, ms = _time_compiled(jax.jit(optimiser, donate_argnums=0).lower(*args).compile(),
+                            args, repeats, donated=True)
     rows.append(dict(case=case, batch=batch, component="optimiser", fwd_gflop=gf, fwd_ms=ms))
     mesh = make_mesh(jax.devices()[:1])
     state = replicate(create_train_state(model, tx, 0, (*model.image_size, model.channels)),

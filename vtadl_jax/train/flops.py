@@ -110,3 +110,81 @@ def mfu(flops: float | None, seconds: float, peak: float | None,
 def format_mfu(value: float | None) -> str:
     """"12.3%" or "-" when unknown."""
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def measure_matmul_rate(n: int = 4096, dtype: Any = None, repeats: int = 5,
+                        device: Any = None) -> float:
+    """Measured FLOP/s of one jitted (n, n) x (n, n) matmul on ``device`` (default: the
+    first device): 2 n^3 / the median of ``repeats`` timed runs after one warm-up.
+
+    A stand-in peak where ``device_peak_flops`` knows none (CPUs): the rate of the
+    backend's own best-shaped GEMM, so ``flops / rate`` is the time a step would take if
+    every FLOP ran as fast as a large square matmul.
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if n < 1 or repeats < 1:
+        raise ValueError(f"measure_matmul_rate: need n >= 1 and repeats >= 1, got {n}, {repeats}")
+    device = device or jax.devices()[0]
+    dtype = jnp.float32 if dtype is None else dtype
+    a = jax.device_put(jnp.ones((n, n), dtype) / n, device)
+    f = jax.jit(lambda x: x @ x).lower(a).compile()
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / float(np.median(times))
+
+
+def measure_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5,
+                           device: Any = None) -> float:
+    """Measured bytes/s of a jitted in-place (donated) elementwise x <- x / 2 + 1 over
+    ``nbytes`` of float32, read + write counted: the memory bandwidth an in-place
+    memory-bound update, such as a donated optimiser step, can reach."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if nbytes < 4 or repeats < 1:
+        raise ValueError(f"measure_copy_bandwidth: need nbytes >= 4 and repeats >= 1, "
+                         f"got {nbytes}, {repeats}")
+    device = device or jax.devices()[0]
+    x = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
+    f = jax.jit(lambda v: 0.5 * v + 1.0, donate_argnums=0).lower(x).compile()
+    x = jax.block_until_ready(f(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * (nbytes // 4) * 4 / float(np.median(times))
+
+
+ADAM_WORDS_PER_PARAM = 7  # Adam's update reads p, g, m, v and writes p, m, v
+
+
+def step_time_floor(flops: float, matmul_rate: float, n_params: int, bandwidth: float,
+                    bytes_per_word: int = 4,
+                    words_per_param: int = ADAM_WORDS_PER_PARAM) -> float:
+    """An estimate of the fastest train step a device allows, in seconds: every FLOP at
+    ``matmul_rate`` FLOP/s (XLA's count, elementwise work included) plus the optimiser's
+    parameter traffic (``words_per_param`` words per parameter, Adam's by default) at
+    ``bandwidth`` bytes/s.
+
+    The sum assumes the two parts do not overlap (a tensor's update needs its finished
+    gradient); a step below it would have to run operations faster than the best
+    square GEMM or stream memory faster than a plain elementwise pass.
+    """
+    if not (flops >= 0 and matmul_rate > 0 and n_params >= 0 and bandwidth > 0):
+        raise ValueError(f"step_time_floor: need flops >= 0, matmul_rate > 0, "
+                         f"n_params >= 0, bandwidth > 0; got {flops}, {matmul_rate}, "
+                         f"{n_params}, {bandwidth}")
+    return flops / matmul_rate + n_params * words_per_param * bytes_per_word / bandwidth
