@@ -45,6 +45,15 @@ def _broken_step():
     raise ValueError("no such model")
 
 
+def _dying_step():
+    """Builds, then the process dies at its first step (as on a kill -9 or an OOM kill)."""
+    import os
+
+    def step():
+        os._exit(3)
+    return step, 1, {}
+
+
 def test_interleave_times_every_step_in_its_own_process():
     import os
 
@@ -75,6 +84,9 @@ def test_interleave_names_a_failing_worker():
     with pytest.raises(RuntimeError, match="broken: ValueError: no such model"):
         bench.interleave({"ok": (_counting_step, (0.0, 0.0)), "broken": (_broken_step, ())},
                          rounds=1, isolation="process", log=lambda line: None)
+    with pytest.raises(RuntimeError, match=r"dies: worker process died \(exit code 3\)"):
+        bench.interleave({"dies": (_dying_step, ())}, rounds=1, isolation="process",
+                         log=lambda line: None)
     with pytest.raises(ValueError, match="isolation 'thread'"):
         bench.interleave({}, rounds=1, isolation="thread")
 
