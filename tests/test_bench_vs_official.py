@@ -1,5 +1,6 @@
 """experiments/benchmarks/bench_vs_official.py without the authors' code: it skips cleanly,
-and bad arguments exit 2 naming the option, before torch or any model is loaded."""
+and bad arguments exit 2 naming the option, before torch or any model is loaded; the
+interleaved rounds (own processes or shared) and the table writer, on stand-in steps."""
 from experiments.benchmarks import bench_vs_official as bench
 
 
