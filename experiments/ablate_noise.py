@@ -16,6 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
 from experiments import runner  # noqa: E402
 from experiments.sweep_k import (ensure_synthetic, parse_overrides, quality_unit,  # noqa: E402
                                  synthetic_config)
@@ -67,7 +72,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

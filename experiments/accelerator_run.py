@@ -34,6 +34,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
 from vtadl_jax.records import write_json_atomic  # noqa: E402
 
 BENCH = os.path.join(HERE, "benchmarks", "bench_train_step.py")
@@ -258,7 +263,4 @@ def _attach_table(rec: dict, out: str, key: str) -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     sys.exit(main())

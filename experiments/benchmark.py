@@ -28,6 +28,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
 from experiments import runner  # noqa: E402
 from vtadl_jax.records import write_json_atomic  # noqa: E402
 from vtadl_jax.report import markdown_table  # noqa: E402
@@ -95,7 +100,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

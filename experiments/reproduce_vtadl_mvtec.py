@@ -23,6 +23,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
 from experiments import runner  # noqa: E402
 from experiments.reproduce_vtadl_mnist import make_config, train_and_evaluate  # noqa: E402
 from vtadl_jax.data import make_synthetic_mvtec  # noqa: E402
@@ -107,7 +112,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

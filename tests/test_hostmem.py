@@ -75,3 +75,43 @@ def test_opt_out_and_stdin_scripts_run_once():
     assert lines[0].split()[2] == "None" and lines[1] == "end False []"
     out = _run(["-"], stdin=PROBE)  # a script read from stdin cannot be replayed
     assert out.count("start") == 1 and "end False" in out
+
+
+def _script_order(path: str) -> tuple[int | None, int | None]:
+    """(line of the top-level ``if __name__ == "__main__"`` block that calls
+    reexec_with_hugepage_malloc, line of the first top-level import that can load jax)."""
+    import ast
+
+    tree = ast.parse(open(path).read())
+    call = first_heavy = None
+    light = {"__future__", "os", "sys", "argparse", "dataclasses", "functools", "json",
+             "math", "shutil", "statistics", "subprocess", "time", "tracemalloc", "types",
+             "typing", "collections", "glob", "itertools", "pathlib", "re", "csv", "hashlib",
+             "importlib", "contextlib", "copy", "signal", "tempfile", "textwrap", "datetime"}
+    for node in tree.body:
+        if (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+                and "reexec_with_hugepage_malloc()" in ast.unparse(node) and call is None):
+            call = node.lineno
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if first_heavy is None and any(n.split(".")[0] not in light for n in names):
+            first_heavy = node.lineno
+    return call, first_heavy
+
+
+def test_experiment_scripts_restart_before_importing_jax():
+    """Every experiment script with a main block restarts itself (huge-page malloc) before
+    any import that can load jax, so a run does not import jax twice."""
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scripts = [p for p in sorted(glob.glob(os.path.join(root, "experiments", "*.py"))
+                                 + glob.glob(os.path.join(root, "experiments", "benchmarks",
+                                                          "*.py")))
+               if '__name__ == "__main__"' in open(p).read()]
+    assert len(scripts) >= 20
+    for path in scripts:
+        call, first_heavy = _script_order(path)
+        assert call is not None, f"{path}: no early reexec_with_hugepage_malloc() block"
+        assert first_heavy is None or call < first_heavy, (
+            f"{path}: line {first_heavy} imports before the restart at line {call}")

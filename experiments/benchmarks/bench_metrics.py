@@ -13,14 +13,19 @@ cores, most of it in the two references). ``run()`` returns the rows as dicts.
 """
 from __future__ import annotations
 
-import time
-import tracemalloc
-from typing import Any, Callable
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
 
-import numpy as np
-from scipy import ndimage
+    reexec_with_hugepage_malloc()
 
-from vtadl_jax.metrics import aupro, auroc
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from vtadl_jax.metrics import aupro, auroc  # noqa: E402
 
 
 def make_case(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

@@ -21,17 +21,22 @@
 """
 from __future__ import annotations
 
-import functools
-import statistics
-import time
-from typing import Callable
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+    reexec_with_hugepage_malloc()
 
-from vtadl_jax.kernels import gaussian as G
-from vtadl_jax.kernels.mixture import mixture_nll, mixture_nll_from_head
+import functools  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vtadl_jax.kernels import gaussian as G  # noqa: E402
+from vtadl_jax.kernels.mixture import mixture_nll, mixture_nll_from_head  # noqa: E402
 
 _MB = 2.0 ** 20
 
@@ -174,9 +179,6 @@ def _print_table(rows: list[dict], cols: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     t0 = time.perf_counter()
     all_rows = run()
     print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")

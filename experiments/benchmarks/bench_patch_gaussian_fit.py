@@ -42,12 +42,17 @@ prints them as tables. About 2-3 minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from typing import Any
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 GRID = (7, 7)
 CHANNELS = 1536
@@ -266,7 +271,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

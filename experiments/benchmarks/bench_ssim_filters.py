@@ -11,17 +11,22 @@ run takes well under 30 s on a laptop CPU.
 """
 from __future__ import annotations
 
-import functools
-import statistics
-import time
-from typing import Callable
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+    reexec_with_hugepage_malloc()
 
-from vtadl_jax.kernels.filters import gaussian_blur
-from vtadl_jax.kernels.ssim import ssim
+import functools  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vtadl_jax.kernels.filters import gaussian_blur  # noqa: E402
+from vtadl_jax.kernels.ssim import ssim  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -100,8 +105,5 @@ def _format(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print(_format(run()))

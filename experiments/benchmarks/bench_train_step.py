@@ -24,12 +24,17 @@ JSON line.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
-import time
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 CASES = (  # (variant, devices, global batch, timed steps, warm-up steps)
     ("mnist", 1, 64, 20, 1),
@@ -158,7 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     main()

@@ -39,6 +39,11 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
 OUT = os.path.join(ROOT, "experiments", "results", "bench")
 NEEDED = ("VT_AE.py", "mdn1.py", "pytorch_ssim/__init__.py", "student_transformer.py",
           "spatial.py", "model_res18.py", "config.py")
@@ -379,7 +384,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()  # huge-page malloc for XLA:CPU (see vtadl_jax.hostmem)
     sys.exit(main())
