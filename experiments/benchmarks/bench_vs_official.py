@@ -152,8 +152,13 @@ def _serve(conn, factory, args) -> None:
             t0 = time.perf_counter()
             loss = step()
             conn.send(("step", time.perf_counter() - t0, loss))
+    except EOFError:  # the parent is gone: nothing to report to
+        pass
     except BaseException as e:  # reported to the parent, which names the implementation
-        conn.send(("error", f"{type(e).__name__}: {e}", None))
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}", None))
+        except OSError:  # the parent is gone too
+            pass
     finally:
         conn.close()
 
