@@ -84,10 +84,7 @@ def _script_order(path: str) -> tuple[int | None, int | None]:
 
     tree = ast.parse(open(path).read())
     call = first_heavy = None
-    light = {"__future__", "os", "sys", "argparse", "dataclasses", "functools", "json",
-             "math", "shutil", "statistics", "subprocess", "time", "tracemalloc", "types",
-             "typing", "collections", "glob", "itertools", "pathlib", "re", "csv", "hashlib",
-             "importlib", "contextlib", "copy", "signal", "tempfile", "textwrap", "datetime"}
+    light = sys.stdlib_module_names  # what cannot load jax
     for node in tree.body:
         if (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
                 and "reexec_with_hugepage_malloc()" in ast.unparse(node) and call is None):

@@ -44,13 +44,14 @@ if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_j
     from vtadl_jax.hostmem import reexec_with_hugepage_malloc
 
     reexec_with_hugepage_malloc()
+
 OUT = os.path.join(ROOT, "experiments", "results", "bench")
 NEEDED = ("VT_AE.py", "mdn1.py", "pytorch_ssim/__init__.py", "student_transformer.py",
           "spatial.py", "model_res18.py", "config.py")
 
 
 def official_step(path: str, batch: int, threads: int):
-    """(step() -> loss, parameter count, info) of the authors' training step on CPU, on a
+    """(step() -> loss, parameter count, {}) of the authors' training step on CPU, on a
     fixed batch of ``batch`` uniform [-1, 1] 512x512 images (the same as ours get)."""
     import importlib.util
 
@@ -92,12 +93,13 @@ def official_step(path: str, batch: int, threads: int):
         return float(loss.item())
 
     n = sum(p.numel() for m in (model, g_estimate) for p in m.parameters())
-    return step, n, dict(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return step, n, {}
 
 
 def our_step(case: str, batch: int):
-    """(step() -> loss, parameter count, info) of our jitted step for ``case`` on the same
-    fixed batch as ``official_step`` (put on the device inside the timed step, as before)."""
+    """(step() -> loss, parameter count, {"flops": XLA's FLOPs of the compiled step}) of our
+    jitted step for ``case`` on the same fixed batch as ``official_step`` (put on the
+    device inside the timed step, as before)."""
     import jax
 
     from experiments.benchmarks.vtadl_cases import build_case
@@ -118,8 +120,7 @@ def our_step(case: str, batch: int):
         holder["state"], m = fn(holder["state"], shard_batch(images, mesh))
         return float(m["loss"])
 
-    return step, count_params(holder["state"].params), dict(
-        jax=jax.__version__, platform=jax.devices()[0].platform, flops=step_flops(fn))
+    return step, count_params(holder["state"].params), {"flops": step_flops(fn)}
 
 
 def _images(batch: int):
@@ -238,8 +239,8 @@ def interleave(factories: dict, rounds: int, warmup: int = 1, isolation: str = "
 
 def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
         warmup: int = 1, on_batch=None, isolation: str = "process", threads: int = 0,
-        rates: dict | None = None) -> tuple[list[dict], dict]:
-    """(rows, info of each implementation); ``on_batch(rows)`` after every batch size.
+        rates: dict | None = None) -> list[dict]:
+    """One row per implementation and batch size; ``on_batch(rows)`` after every batch size.
     ``threads``: torch's intra-op threads (0: the CPU count, what XLA:CPU uses).
     ``rates``: {"matmul_flops_per_s", "bandwidth_bytes_per_s"} measured on this machine:
     each of our rows then gets ``floor_s`` (``train.flops.step_time_floor`` of its XLA
@@ -247,7 +248,7 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
     from vtadl_jax.train.flops import step_time_floor
 
     threads = threads or os.cpu_count()
-    rows, infos = [], {}
+    rows = []
     for batch in batches:
         factories = {"official": (official_step, (official, batch, threads))}
         factories.update({f"ours ({c})": (our_step, (c, batch)) for c in cases})
@@ -255,7 +256,6 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
                            log=lambda line, b=batch: print(f"batch {b} {line}", flush=True))
         ref = statistics.median(timed["official"][0])
         for name, (times, n_params, info) in timed.items():
-            infos[name] = info
             med = statistics.median(times)
             row = dict(batch=batch, impl=name, params=n_params, median_s=round(med, 3),
                        times_s=[round(t, 3) for t in times],
@@ -269,7 +269,7 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
             rows.append(row)
         if on_batch is not None:
             on_batch(rows)
-    return rows, infos
+    return rows
 
 
 def malloc_note() -> str:
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
     try:
-        rows, _ = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases),
+        rows = run(args.official, tuple(args.batch), args.rounds, tuple(args.cases),
                       args.warmup, on_batch=lambda rows: write(rows, args.out, meta),
                       isolation=args.isolation, threads=threads, rates=rates)
     except RuntimeError as e:  # a worker failed: name it, keep what was written

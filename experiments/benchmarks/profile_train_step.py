@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -31,6 +30,7 @@ if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_j
     from vtadl_jax.hostmem import reexec_with_hugepage_malloc
 
     reexec_with_hugepage_malloc()
+
 OUT = os.path.join(ROOT, "experiments", "results", "bench")
 
 
@@ -46,29 +46,13 @@ def _time_compiled(compiled, args, repeats: int, *, donated: bool = False
     """(GFLOP by XLA's cost analysis, median ms of ``repeats`` runs after one warm-up) of
     ``compiled(*args)``. ``donated``: the first argument is donated, so every run takes
     the previous run's first output in its place (a train step's state)."""
-    import jax
-    import numpy as np
-
-    from vtadl_jax.train.flops import step_flops
+    from vtadl_jax.train.flops import median_run_seconds, step_flops
 
     flops = step_flops(compiled)
     gflop = float("nan") if flops is None else flops / 1e9
     if repeats == 0:  # FLOPs only
         return gflop, None
-    args = list(args)
-
-    def call():
-        out = jax.block_until_ready(compiled(*args))
-        if donated:
-            args[0] = out[0]
-
-    call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return gflop, 1e3 * float(np.median(times))
+    return gflop, 1e3 * median_run_seconds(compiled, args, repeats, donated=donated)
 
 
 def _with_vjp(f):

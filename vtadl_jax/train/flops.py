@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Sequence
 
 T = 1e12
 # (pattern matched against the lower-cased device_kind, {dtype: FLOP/s}), first match wins.
@@ -112,6 +112,36 @@ def format_mfu(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
+def median_run_seconds(compiled: Any, args: Sequence[Any], repeats: int, *,
+                       donated: bool = False) -> float:
+    """Median seconds of ``repeats`` runs of ``compiled(*args)`` after one untimed run.
+
+    ``donated``: the first argument is donated, so every run takes the previous run's
+    first output in its place (a train step's state, an in-place update).
+    """
+    import time
+
+    import jax
+    import numpy as np
+
+    if repeats < 1:
+        raise ValueError(f"median_run_seconds: need repeats >= 1, got {repeats}")
+    args = list(args)
+
+    def call():
+        out = jax.block_until_ready(compiled(*args))
+        if donated:
+            args[0] = out[0]
+
+    call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def measure_matmul_rate(n: int = 4096, dtype: Any = None, repeats: int = 5,
                         device: Any = None) -> float:
     """Measured FLOP/s of one jitted (n, n) x (n, n) matmul on ``device`` (default: the
@@ -121,11 +151,8 @@ def measure_matmul_rate(n: int = 4096, dtype: Any = None, repeats: int = 5,
     backend's own best-shaped GEMM, so ``flops / rate`` is the time a step would take if
     every FLOP ran as fast as a large square matmul.
     """
-    import time
-
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     if n < 1 or repeats < 1:
         raise ValueError(f"measure_matmul_rate: need n >= 1 and repeats >= 1, got {n}, {repeats}")
@@ -133,13 +160,7 @@ def measure_matmul_rate(n: int = 4096, dtype: Any = None, repeats: int = 5,
     dtype = jnp.float32 if dtype is None else dtype
     a = jax.device_put(jnp.ones((n, n), dtype) / n, device)
     f = jax.jit(lambda x: x @ x).lower(a).compile()
-    jax.block_until_ready(f(a))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a))
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / float(np.median(times))
+    return 2.0 * n**3 / median_run_seconds(f, (a,), repeats)
 
 
 def measure_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5,
@@ -147,25 +168,16 @@ def measure_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5,
     """Measured bytes/s of a jitted in-place (donated) elementwise x <- x / 2 + 1 over
     ``nbytes`` of float32, read + write counted: the memory bandwidth an in-place
     memory-bound update, such as a donated optimiser step, can reach."""
-    import time
-
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     if nbytes < 4 or repeats < 1:
         raise ValueError(f"measure_copy_bandwidth: need nbytes >= 4 and repeats >= 1, "
                          f"got {nbytes}, {repeats}")
     device = device or jax.devices()[0]
     x = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
-    f = jax.jit(lambda v: 0.5 * v + 1.0, donate_argnums=0).lower(x).compile()
-    x = jax.block_until_ready(f(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return 2.0 * (nbytes // 4) * 4 / float(np.median(times))
+    f = jax.jit(lambda v: (0.5 * v + 1.0,), donate_argnums=0).lower(x).compile()
+    return 2.0 * (nbytes // 4) * 4 / median_run_seconds(f, (x,), repeats, donated=True)
 
 
 ADAM_WORDS_PER_PARAM = 7  # Adam's update reads p, g, m, v and writes p, m, v
