@@ -1,6 +1,7 @@
 """One process of the multi-process test (tests/test_multiprocess.py).
 
     python tests/multiprocess_worker.py --mode {multi,single} --out OUT.npz --workdir DIR
+        [--pg-root ROOT --pg-workdir DIR]
         [--coordinator 127.0.0.1:PORT --process-id I --num-processes N]
 
 "multi": one of N processes joined with ``jax.distributed.initialize`` (JAX's own
@@ -11,6 +12,9 @@ steps with ``vtadl_jax.train.loop.train`` (each process reads its own rows of ev
 global batch from the data layer) and fit streaming patch Gaussians on the same features
 (each process folds its own rows, then the statistics are merged across processes).
 Process 0 (or the single process) writes losses, parameters and statistics to OUT.npz.
+With ``--pg-root`` every process also runs the patch-Gaussian pipeline's
+``fit_from_config`` on that generated MVTec-layout category (each process fits its share
+of the images; process 0 writes ``--pg-workdir``).
 The device count comes from XLA_FLAGS, set by the caller before JAX starts.
 """
 from __future__ import annotations
@@ -93,6 +97,26 @@ def fit_gaussians() -> dict:
     return {f"stats_{k}": np.asarray(v) for k, v in merged._asdict().items()}
 
 
+PG_TRAIN_IMAGES, PG_SIZE, PG_BATCH = 7, 64, 2  # 7 over 2 processes: shares of 3 and 4
+
+
+def pg_config(root: str):
+    from vtadl_jax.configs import load_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(repo, "experiments", "configs", "patch_gaussian_synthetic.py")
+    return load_config(path + ":object", [f"data.root={root}", "data.backend=direct",
+                                          f"data.image_size={PG_SIZE}",
+                                          f"batch_size={PG_BATCH}",
+                                          "gaussian.channel_subset=4"])
+
+
+def fit_pipeline(root: str, workdir: str) -> None:
+    from vtadl_jax.pipelines import patch_gaussian as pgp
+
+    pgp.fit_from_config(pg_config(root), workdir)
+
+
 def results(losses: np.ndarray, params: dict, stats: dict) -> dict[str, np.ndarray]:
     """One flat dict of arrays (what process 0 saves)."""
     flat = {"param/" + jax.tree_util.keystr(path): leaf
@@ -106,6 +130,8 @@ def main() -> int:
     p.add_argument("--mode", choices=["multi", "single"], default="multi")
     p.add_argument("--out", required=True)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--pg-root")
+    p.add_argument("--pg-workdir")
     p.add_argument("--coordinator")
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--num-processes", type=int, default=1)
@@ -122,7 +148,11 @@ def main() -> int:
     losses, params = train_tiny(args.workdir)
     t1 = time.perf_counter()
     stats = fit_gaussians()
-    print(f"train {t1 - t0:.1f} s, fit {time.perf_counter() - t1:.1f} s", flush=True)
+    t2 = time.perf_counter()
+    if args.pg_root:
+        fit_pipeline(args.pg_root, args.pg_workdir)
+    print(f"train {t1 - t0:.1f} s, fit {t2 - t1:.1f} s, pipeline fit "
+          f"{time.perf_counter() - t2:.1f} s", flush=True)
     if jax.process_index() == 0:
         np.savez(args.out, **results(losses, params, stats))
     if args.mode == "multi":

@@ -165,6 +165,47 @@ def test_saved_model_reloads_with_same_maps(run, tmp_path):
                                atol=1e-5)
 
 
+def test_process_shares_merge_to_the_whole_fit(run):
+    """`local_statistics` of 8 process shares of the 6 training images (two of them
+    empty) merge (pairwise Chan et al., `gaussian.merge`) to the one-share statistics;
+    an empty share is zero statistics of the right shape."""
+    from vtadl_jax.configs import load_config
+    from vtadl_jax.kernels import gaussian
+    from vtadl_jax.models.backbones.registry import load_backbone
+    from vtadl_jax.pipelines import common
+
+    config = load_config(CONFIG, [f"data.root={run['root']}", "data.backend=direct",
+                                  f"data.image_size={SIZE}", "batch_size=4"])
+    backbone = load_backbone("efficientnet_lite0")
+    spec = pgp.spec_from_config(config, backbone)
+    source = common.make_source(config.data, "train")
+    whole, grid = pgp.local_statistics(config, backbone, spec, source)
+    merged, counts = None, []
+    for index in range(8):
+        part, part_grid = pgp.local_statistics(config, backbone, spec, source,
+                                               index=index, count=8)
+        assert part_grid == grid and part.m2.shape == whole.m2.shape
+        counts.append(int(part.count))
+        merged = part if merged is None else gaussian.merge(merged, part)
+    assert counts == [0, 1, 1, 1, 0, 1, 1, 1]
+    assert int(merged.count) == int(whole.count) == 6
+    np.testing.assert_allclose(np.asarray(merged.mean), np.asarray(whole.mean),
+                               rtol=1e-5, atol=1e-5)
+    scale = float(np.abs(np.asarray(whole.m2)).max())
+    np.testing.assert_allclose(np.asarray(merged.m2), np.asarray(whole.m2), rtol=1e-4,
+                               atol=1e-5 * scale)
+
+
+def test_distributed_without_a_coordinator_exit_2(run, tmp_path, capsys, monkeypatch):
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    workdir = tmp_path / "never"
+    assert cli.main(_fit_args(run["root"], workdir, "distributed=True")) == 2
+    err = capsys.readouterr().err
+    assert "distributed=True" in err and "JAX_COORDINATOR_ADDRESS" in err
+    assert "Traceback" not in err and not workdir.exists()
+
+
 def test_unknown_override_key_exit_2(run, tmp_path, capsys):
     workdir = tmp_path / "never"
     assert cli.main(_fit_args(run["root"], workdir, "gaussian.no_such_key=3")) == 2

@@ -9,6 +9,7 @@ with ``sys.executable``; both have a deadline and both are killed if either fail
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import socket
@@ -72,6 +73,12 @@ def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path])
 
 
 def test_two_processes_equal_one_process(tmp_path):
+    from vtadl_jax import data as data_lib
+
+    data_lib.make_synthetic_mvtec(tmp_path / "syn", categories=("object",),
+                                  num_train=worker.PG_TRAIN_IMAGES, num_test_good=1,
+                                  num_test_defect=1, image_size=worker.PG_SIZE)
+    pg_root = str(tmp_path / "syn" / "object")
     port = _free_port()
     procs, logs = {}, {}
     for pid in (0, 1):
@@ -79,6 +86,7 @@ def test_two_processes_equal_one_process(tmp_path):
         logs[name] = tmp_path / f"{name}.log"
         procs[name] = _start(["--mode", "multi", "--out", str(tmp_path / "multi.npz"),
                               "--workdir", str(tmp_path / "multi"),
+                              "--pg-root", pg_root, "--pg-workdir", str(tmp_path / "pg_multi"),
                               "--coordinator", f"127.0.0.1:{port}", "--process-id", str(pid),
                               "--num-processes", "2"], 4, logs[name])
     try:  # the one-process reference, here, while the two workers run
@@ -87,6 +95,7 @@ def test_two_processes_equal_one_process(tmp_path):
         assert jax.device_count() == 8 and jax.process_count() == 1
         single = worker.results(*worker.train_tiny(str(tmp_path / "single")),
                                 worker.fit_gaussians())
+        worker.fit_pipeline(pg_root, str(tmp_path / "pg_single"))
     finally:
         _wait_all(procs, logs)
     multi = np.load(tmp_path / "multi.npz")
@@ -105,3 +114,24 @@ def test_two_processes_equal_one_process(tmp_path):
     assert float(multi["stats_count"]) == float(single["stats_count"]) == 32
     np.testing.assert_allclose(multi["stats_mean"], single["stats_mean"], rtol=1e-6)
     np.testing.assert_allclose(multi["stats_m2"], single["stats_m2"], rtol=1e-4, atol=1e-3)
+
+    # `vtadl-jax fit` over 2 processes: each fitted its share (3 and 4 of the 7 images),
+    # process 0 alone wrote the work directory; the model equals the one-process fit.
+    from vtadl_jax.pipelines import patch_gaussian as pgp
+
+    one, _ = pgp.load_model(str(tmp_path / "pg_single"))
+    two, _ = pgp.load_model(str(tmp_path / "pg_multi"))
+    assert one.num_images == two.num_images == worker.PG_TRAIN_IMAGES
+    assert one.grid == two.grid and one.spec == two.spec
+    np.testing.assert_allclose(np.asarray(two.mean), np.asarray(one.mean), rtol=1e-5, atol=1e-5)
+    # 4 channels (config gaussian.channel_subset) from 7 images: a well-conditioned
+    # covariance, so the factors themselves are compared.
+    assert one.mean.shape[-1] == 4
+    np.testing.assert_allclose(np.asarray(two.chol), np.asarray(one.chol), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(two.whiten), np.asarray(one.whiten),
+                               rtol=1e-4, atol=1e-5)
+    spec = json.loads((tmp_path / "pg_multi" / "model_spec.json").read_text())
+    assert spec["processes"] == 2
+    assert sorted(p.name for p in (tmp_path / "pg_multi").iterdir()) == sorted(
+        p.name for p in (tmp_path / "pg_single").iterdir())
+    assert "fit: features (process 1/2)" in logs["process1"].read_text()

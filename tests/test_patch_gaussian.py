@@ -413,3 +413,41 @@ def test_contnet_tiny_random_features():
     assert bool(jnp.all(jnp.isfinite(feats["stage4"])))
     with pytest.raises(ValueError, match="multiple"):
         backbone.features(np.zeros((1, 48, 48, 3), np.float32))
+
+
+def test_process_share_bounds_cover_every_example_once():
+    from vtadl_jax import multihost
+
+    for n in (0, 1, 5, 7, 64):
+        for count in (1, 2, 3, 8):
+            bounds = [multihost.share_bounds(n, i, count) for i in range(count)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    for bad in ((5, 2, 2), (5, -1, 2), (5, 0, 0), (-1, 0, 1)):
+        with pytest.raises(ValueError):
+            multihost.share_bounds(*bad)
+
+
+def test_source_share_is_a_view():
+    from vtadl_jax import multihost
+
+    class Source:
+        name, split = "numbers", "train"
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"image": i}
+
+    part = multihost.share(Source(), 1, 3)  # [3, 6)
+    assert len(part) == 3 and [part[i]["image"] for i in range(3)] == [3, 4, 5]
+    assert (part.name, part.split) == ("numbers", "train")
+    with pytest.raises(IndexError):
+        part[3]
+    with pytest.raises(ValueError):
+        multihost.SourceShare(Source(), 4, 11)
+    whole = multihost.share(Source())  # one process: everything
+    assert len(whole) == 10

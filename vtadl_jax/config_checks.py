@@ -176,3 +176,5 @@ def check_patch_gaussian_config(config: ml_collections.ConfigDict) -> None:
     require_float(config, "gaussian.blur_sigma", positive=False)
     require_int(config, "gaussian.channel_subset", 0)
     require_bool(config, "gaussian.shard_positions")
+    if "distributed" in config:
+        require_bool(config, "distributed")

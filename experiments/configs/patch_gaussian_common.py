@@ -8,6 +8,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "patch_gaussian"
     c.seed = 0
     c.batch_size = 16
+    # True (or JAX_COORDINATOR_ADDRESS set): jax.distributed.initialize(); each process
+    # fits its share of the training images, process 0 writes (vtadl_jax.multihost).
+    c.distributed = False
     c.data = ml_collections.ConfigDict(dict(
         name="folder", root=None, preset="patch_gaussian", image_size=224,
         scale="zero_one",  # the backbone applies its own normalisation

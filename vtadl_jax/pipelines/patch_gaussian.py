@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vtadl_jax import calibration, records
+from vtadl_jax import calibration, multihost, records
 from vtadl_jax.config_checks import check_patch_gaussian_config
+from vtadl_jax.kernels import gaussian
 from vtadl_jax.methods import patch_gaussian as pg
 from vtadl_jax.models.backbones.registry import (Backbone, from_variables, load_backbone,
                                                   module_config_of)
@@ -63,30 +64,64 @@ def _to_rgb01(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel:
-    """Extract features of the normal training images, fit, save to `workdir`."""
+def local_statistics(config: ml_collections.ConfigDict, backbone: Backbone,
+                     spec: pg.PatchGaussianSpec, source, *, index: int = 0, count: int = 1,
+                     ) -> tuple[gaussian.PatchStats, tuple[int, int]]:
+    """Statistics of process `index`'s contiguous share (of `count`) of `source`.
+
+    An empty share (fewer images than processes) gives zero statistics of the right
+    shape, which the cross-process merge ignores.
+    """
+    features = feature_fn(backbone, spec)
+    part = multihost.share(source, index, count)
+    if len(part) == 0:
+        size = config.data.image_size
+        shape = jax.eval_shape(features, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+        _, h, w, c = shape.shape
+        return gaussian.init(h * w, c, dtype=jnp.float32), (h, w)
+    desc = "fit: features" + (f" (process {index}/{count})" if count > 1 else "")
+    batches = (features(_to_rgb01(b["image"])) for b in
+               common.iterate_batches(part, config.batch_size, desc=desc))
+    return pg.fit_statistics(batches, shard_positions=config.gaussian.shard_positions)
+
+
+def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel | None:
+    """Extract features of the normal training images, fit, save to `workdir`.
+
+    Multi-process (`config.distributed=True` or `JAX_COORDINATOR_ADDRESS` set; see
+    `vtadl_jax.multihost`): each process reads and fits its own contiguous share of the
+    training images, the statistics are merged across processes, and process 0 alone
+    finalizes and writes the work directory; the others wait for it and return None.
+    """
     check_patch_gaussian_config(config)
+    multihost.maybe_initialize_distributed(config)
+    index, count = jax.process_index(), jax.process_count()
+    is_main = index == 0
     resume_lib.check_method(workdir, METHOD)
-    records.ensure_writable(workdir, "work directory")
+    if is_main:
+        records.ensure_writable(workdir, "work directory")
     backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
                              seed=config.seed)
     spec = spec_from_config(config, backbone)
-    features = feature_fn(backbone, spec)
     source = common.make_source(config.data, "train")
     start = time.perf_counter()
-    batches = (features(_to_rgb01(b["image"])) for b in
-               common.iterate_batches(source, config.batch_size, desc="fit: features"))
-    stats, grid = pg.fit_statistics(batches, shard_positions=config.gaussian.shard_positions)
+    stats, grid = local_statistics(config, backbone, spec, source, index=index, count=count)
+    stats = pg.merge_across_processes(stats)
+    if not is_main:
+        multihost.barrier("vtadl_fit_saved")  # returns once process 0 has written
+        return None
     model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats not needed after
     jax.block_until_ready(model.whiten)
     fit_seconds = time.perf_counter() - start
     calibration.discard(workdir)  # thresholds of a previous model do not fit this one
-    save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds})
+    save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds, "processes": count})
     # Last: a fit that fails earlier leaves a previous run's run.json, model/ and
     # model_spec.json untouched and consistent with each other.
     common.write_run(workdir, METHOD, config)
+    multihost.barrier("vtadl_fit_saved")
     print(f"fitted {model.num_images} images, grid {grid}, {model.mean.shape[-1]} channels "
-          f"in {fit_seconds:.1f}s -> {workdir}")
+          f"in {fit_seconds:.1f}s" + (f" over {count} processes" if count > 1 else "")
+          + f" -> {workdir}")
     return model
 
 
@@ -104,9 +139,14 @@ def save_model(workdir: str, model: pg.PatchGaussianModel, backbone: Backbone,
     for leftover in (staging, retired):
         if os.path.exists(leftover):
             shutil.rmtree(leftover)
-    tree = {"mean": model.mean, "chol": model.chol, "whiten": model.whiten,
-            "backbone": backbone.variables}
-    with ocp.StandardCheckpointer() as ckptr:
+    # Host copies: orbax will not write a process-local device array in a multi-process
+    # run (it expects global arrays), and these are small next to the time to write them.
+    tree = jax.tree.map(np.asarray, {"mean": model.mean, "chol": model.chol,
+                                     "whiten": model.whiten, "backbone": backbone.variables})
+    # Only the calling process writes (in a multi-process fit, process 0 alone saves).
+    only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckptr:
         ckptr.save(staging, tree, force=True)
         ckptr.wait_until_finished()
     meta = {"spec": model.spec.to_json(), "grid": list(model.grid),
@@ -130,6 +170,7 @@ def load_model(workdir: str) -> tuple[pg.PatchGaussianModel, Backbone]:
     spec = pg.PatchGaussianSpec.from_json(meta["spec"])
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(os.path.abspath(os.path.join(workdir, "model")))
+    tree = jax.tree.map(jnp.asarray, tree)  # saved as host arrays (see save_model)
     backbone = from_variables(spec.backbone, tree["backbone"], meta.get("backbone_config"))
     model = pg.PatchGaussianModel(spec=spec, grid=tuple(meta["grid"]), mean=tree["mean"],
                                   chol=tree["chol"], whiten=tree["whiten"],

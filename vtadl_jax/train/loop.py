@@ -37,6 +37,7 @@ from vtadl_jax.config_checks import check_vtadl_config
 from vtadl_jax.errors import RunRecordError
 from vtadl_jax.models.variants import get_variant
 from vtadl_jax.models.vtadl import VTADL
+from vtadl_jax.multihost import maybe_initialize_distributed
 from vtadl_jax.train import checkpoint as ckpt
 from vtadl_jax.train.optim import make_optimizer
 from vtadl_jax.train.state import TrainState, abstract_train_state, create_train_state
@@ -45,13 +46,6 @@ from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, shard_b
 BatchIteratorFn = Callable[[int], Iterator[Mapping[str, Any]]]
 RANGES = {"[-1,1]": (-1.0, 1.0), "[0,1]": (0.0, 1.0)}
 CHECKED_TERMS = ("loss", "nll", "mse", "ssim")
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Call ``jax.distributed.initialize()`` when the config or environment asks for it."""
-    if config.get("distributed", False) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
 
 
 def build_model(config: ml_collections.ConfigDict) -> VTADL:

@@ -1,0 +1,84 @@
+"""Multi-process helpers on JAX's own runtime (``jax.distributed``); no-ops in one process.
+
+One process per host, every process runs the same command. ``maybe_initialize_distributed``
+joins the processes (the coordinator, process count and id come from the environment,
+e.g. ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or from a
+cluster JAX detects); ``share`` splits a dataset into the processes' contiguous shares;
+``barrier`` waits for every process (orbax's coordination-service barrier).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from vtadl_jax.errors import ConfigError
+
+
+def maybe_initialize_distributed(config: Any) -> None:
+    """``jax.distributed.initialize()`` when ``config.distributed`` or the environment asks."""
+    wanted = bool(getattr(config, "get", lambda *_: False)("distributed", False))
+    if wanted or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if not jax.distributed.is_initialized():
+            try:
+                jax.distributed.initialize()
+            except (ValueError, RuntimeError) as err:
+                why = "distributed=True" if wanted else "JAX_COORDINATOR_ADDRESS is set"
+                raise ConfigError(
+                    f"{why}, but jax.distributed.initialize() failed: {err} (set "
+                    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run "
+                    "under a cluster JAX detects: SLURM, Open MPI, Cloud TPU)") from err
+
+
+def share_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of process ``index``'s contiguous share of ``num_examples`` among ``count``.
+
+    Shares differ in size by at most one; with fewer examples than processes some are
+    empty (start == stop).
+    """
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"need 0 <= index ({index}) < count ({count})")
+    return index * num_examples // count, (index + 1) * num_examples // count
+
+
+class SourceShare:
+    """A contiguous range of a random-access source (``len`` + ``[i]``), itself one.
+
+    Other attributes (``name``, ``split``, ...) are the wrapped source's.
+    """
+
+    def __init__(self, source, start: int, stop: int):
+        if not 0 <= start <= stop <= len(source):
+            raise ValueError(f"share [{start}, {stop}) outside a source of {len(source)} examples")
+        self._source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} outside a share of {len(self)} examples")
+        return self._source[self.start + i]
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+
+def share(source, index: int | None = None, count: int | None = None) -> SourceShare:
+    """This process's share of ``source`` (defaults: ``jax.process_index()/process_count()``)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return SourceShare(source, *share_bounds(len(source), index, count))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name``; returns at once in one process."""
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        ocp.multihost.sync_global_processes(name)
