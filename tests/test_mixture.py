@@ -101,6 +101,50 @@ def test_check_grads(x64, k_chunk):
     check_grads(f, (z, logits, means, scales), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+def test_low_precision_matmul_value_and_gradients():
+    """Forward and both backward products on bf16-rounded operands (cotangent rounded
+    too), accumulated in float32: a float64 NumPy reference on the rounded arrays."""
+    from vtadl_jax.kernels.mixture import low_precision_matmul
+
+    rng = np.random.default_rng(8)
+    a, b, g = (rng.normal(size=s).astype(np.float32) for s in ((5, 64), (64, 7), (5, 7)))
+    bf = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    y, pull = jax.vjp(lambda x, w: low_precision_matmul(x, w, jnp.bfloat16), a, b)
+    da, db = pull(jnp.asarray(g))
+    assert y.dtype == da.dtype == db.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), bf(a) @ bf(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(da), bf(g) @ bf(b).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(db), bf(a).T @ bf(g), rtol=1e-5, atol=1e-5)
+    # and not the unrounded products (the tolerance separates the two)
+    assert np.abs(np.asarray(db) - a.astype(np.float64).T @ g).max() > 1e-3
+
+
+@pytest.mark.parametrize("k_chunk", [None, 4])
+def test_from_head_bf16_matmuls_accumulate_in_float32(k_chunk):
+    """matmul_dtype=bfloat16: the three maps multiply bf16-rounded inputs and accumulate
+    in float32, so the NLL equals a float64 reference on the rounded h and weights to
+    float32 accuracy."""
+    rng = np.random.default_rng(7)
+    hdim, k, d = 32, 6, 8
+    z, h = rng.normal(size=(4, d)), rng.normal(size=(4, hdim))
+    w = dict(w_logits=rng.normal(size=(hdim, k)) * 0.2,
+             w_means=rng.normal(size=(hdim, k, d)) * 0.2,
+             w_scales=rng.normal(size=(hdim, k, d)) * 0.05)
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    hr, wr = bf(h), {n: bf(v) for n, v in w.items()}
+    ref = _np_diag_nll(z, hr @ wr["w_logits"], np.einsum("nh,hkd->nkd", hr, wr["w_means"]),
+                       np.logaddexp(0.0, np.einsum("nh,hkd->nkd", hr, wr["w_scales"])) + 0.01)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    out = mixture_nll_from_head(f32(z), f32(h), *(f32(w[n]) for n in w), k_chunk=k_chunk,
+                                min_scale=0.01, matmul_dtype=jnp.bfloat16)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5)
+    plain = mixture_nll_from_head(f32(z), f32(h), *(f32(w[n]) for n in w), k_chunk=k_chunk,
+                                  min_scale=0.01)
+    # The tolerance tells the paths apart: unrounded float32 inputs miss it by far.
+    assert np.abs(np.asarray(plain) - ref).max() > 10 * 2e-5 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("k_chunk", [None, 4, 5])
 def test_from_head_equals_materialised(x64, k_chunk):
     rng = np.random.default_rng(6)

@@ -131,6 +131,18 @@ def check_mixtures(rng, dtypes, quick: bool) -> Iterator[Check]:
                                           min_scale=0.1)
             yield compare(f"mixture_nll_from_head[k_chunk={chunk}]", (b, n, hd, kk, d), dt,
                           got, want, *_tol(dt, scale))
+        if dt == "float32":  # mixed precision: bf16 products, float32 accumulation
+            rounded = [np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), np.float64)
+                       for x in (hr, *(w for _, w in ws))]
+            hb, wl, wm, wsc = rounded
+            want_b = ref.mixture_nll(
+                zr, hb @ wl + bs[0][1], np.einsum("bnh,hkd->bnkd", hb, wm) + bs[1][1],
+                np.logaddexp(0.0, np.einsum("bnh,hkd->bnkd", hb, wsc) + bs[2][1]) + 0.1)
+            got = m.mixture_nll_from_head(z, h, *(w for w, _ in ws), b_logits=bs[0][0],
+                                          b_means=bs[1][0], b_scales=bs[2][0], k_chunk=5,
+                                          min_scale=0.1, matmul_dtype=jnp.bfloat16)
+            yield compare("mixture_nll_from_head[bf16 matmul]", (b, n, hd, kk, d),
+                          dt, got, want_b, *_tol(dt, scale))
         lv, vr = _cast(rng.uniform(0.1, 2.0, (b, n, kk, d)), dt)
         want = ref.vtadl_code_mdn_loss(zr, lr, mr, vr)
         yield compare("vtadl_code_mdn_loss[none]", (b, n, kk, d), dt,

@@ -13,9 +13,14 @@ Every measurement runs in its own subprocess so that the host device count
 Every case runs in both compute dtypes (``DTYPES``: float32 and bfloat16 mixed
 precision, the model's ``dtype`` field). Each row also gives the step's FLOPs from XLA's
 cost analysis of the compiled step (all devices: the per-device figure of the
-partitioned program times the device count), the achieved TFLOP/s and the MFU against
+partitioned program times the device count), the achieved TFLOP/s, the MFU against
 the device's dense peak (``vtadl_jax.train.flops``; "-" where the peak is unknown, as
-for CPUs). On an accelerator (detected in a subprocess) ``ACCELERATOR_CASES`` replace
+for CPUs) and the utilisation of the GEMM rate measured in the same process
+("GEMM util": a square matmul in the step's compute dtype, 2048 on a CPU, 8192 on an
+accelerator, timed with ``measure_matmul_rate``; the denominator is that rate times the
+device count, or the rate alone for host CPU "devices", which share one machine's
+cores). It is known everywhere, and on an accelerator it shows how far a step is from
+what the device's own best GEMM reaches, which is below its datasheet peak. On an accelerator (detected in a subprocess) ``ACCELERATOR_CASES`` replace
 ``CASES``: the paper config at batch 8 and 32 and mnist at batch 64, on one device.
 
 Usage: ``python experiments/benchmarks/bench_train_step.py`` (or ``run()``); a single
@@ -57,7 +62,7 @@ def measure(variant: str, batch: int, steps: int, warmup: int = 1,
     import numpy as np
 
     from vtadl_jax.models.variants import get_variant
-    from vtadl_jax.train.flops import device_peak_flops, mfu, step_flops
+    from vtadl_jax.train.flops import device_peak_flops, measure_matmul_rate, mfu, step_flops
     from vtadl_jax.train.optim import make_optimizer
     from vtadl_jax.train.state import create_train_state
     from vtadl_jax.train.step import LossConfig, make_mesh, make_train_step, replicate, shard_batch
@@ -86,17 +91,24 @@ def measure(variant: str, batch: int, steps: int, warmup: int = 1,
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t0) / steps
     kind = jax.devices()[0].device_kind
+    platform = jax.devices()[0].platform
     peak = device_peak_flops(kind, dtype)
     util = mfu(flops, step_s, peak, mesh.size)
+    del state, x  # the GEMM below gets the device to itself
+    gemm_rate = measure_matmul_rate(2048 if platform == "cpu" else 8192, dtype,
+                                    repeats=5 if platform == "cpu" else 20)
+    gemm_util = mfu(flops, step_s, gemm_rate, 1 if platform == "cpu" else mesh.size)
     return {"variant": variant, "devices": mesh.size, "batch": batch, "timed_steps": steps,
-            "platform": jax.devices()[0].platform, "init_s": round(init_s, 2),
+            "platform": platform, "init_s": round(init_s, 2),
             "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
             "images_per_s": round(batch / step_s, 2), "loss": float(m["loss"]),
             "dtype": dtype, "device_kind": kind,
             "gflops_per_step": None if flops is None else round(flops / 1e9, 2),
             "achieved_tflops": None if flops is None else round(flops / step_s / 1e12, 4),
             "peak_tflops": None if peak is None else round(peak / 1e12, 1),
-            "mfu": None if util is None else round(util, 4)}
+            "mfu": None if util is None else round(util, 4),
+            "gemm_tflops": round(gemm_rate / 1e12, 4),
+            "gemm_util": None if gemm_util is None else round(gemm_util, 4)}
 
 
 def run_case(variant: str, devices: int, batch: int, steps: int, warmup: int = 1,
@@ -141,7 +153,8 @@ def run(cases=None, dtypes=DTYPES) -> list[dict]:
             print(f"{r['variant']:6s} {dtype:8s} devices={r['devices']} batch={r['batch']:3d} "
                   f"[{r['platform']}] compile {r['compile_s']:7.2f}s  "
                   f"step {r['step_s']:8.4f}s  {r['images_per_s']:9.2f} images/s  "
-                  f"{gflops} GFLOP/step  {tflops} TFLOP/s  MFU {format_mfu(r['mfu'])} "
+                  f"{gflops} GFLOP/step  {tflops} TFLOP/s  MFU {format_mfu(r['mfu'])}  "
+                  f"GEMM util {format_mfu(r['gemm_util'])} of {r['gemm_tflops']:.3f} TFLOP/s "
                   f"({r['timed_steps']} timed steps)", flush=True)
     return results
 

@@ -21,6 +21,7 @@ and scales from the head's weights inside the scan, so the (..., K, D) tensors
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -130,6 +131,35 @@ def _chunked_logsumexp(chunk_terms: Callable[[Array, int], Array], k: int, k_chu
     return m + jnp.log(s)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def low_precision_matmul(a: Array, b: Array, dtype) -> Array:
+    """a (N, H) @ b (H, M) with both operands rounded to ``dtype`` (e.g. bfloat16) and the
+    products accumulated and returned in ``result_type(a, b)`` (float32 for float32
+    inputs); the same in the backward pass, whose cotangent is rounded to ``dtype`` too
+    (mixed precision: Micikevicius et al. 2018). Plain autodiff of such a product would
+    run the two backward matmuls on float32 operands."""
+    return lax.dot(a.astype(dtype), b.astype(dtype),
+                   preferred_element_type=jnp.result_type(a, b))
+
+
+def _low_precision_matmul_fwd(a, b, dtype):
+    al, bl = a.astype(dtype), b.astype(dtype)
+    # Zero-size arrays carry the operands' dtypes to the backward pass.
+    tags = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+    return lax.dot(al, bl, preferred_element_type=jnp.result_type(a, b)), (al, bl, tags)
+
+
+def _low_precision_matmul_bwd(dtype, res, g):
+    al, bl, (ta, tb) = res
+    gl = g.astype(dtype)
+    da = lax.dot(gl, bl.T, preferred_element_type=ta.dtype)
+    db = lax.dot(al.T, gl, preferred_element_type=tb.dtype)
+    return da, db
+
+
+low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
 def _slice_k(x: Array, start, size: int, axis: int) -> Array:
     return lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim + axis)
 
@@ -171,7 +201,7 @@ def mixture_nll_from_head(z: Array, h: Array, w_logits: Array, w_means: Array,
                           b_means: Optional[Array] = None, b_scales: Optional[Array] = None,
                           k_chunk: Optional[int] = None,
                           scale_fn: Callable[[Array], Array] = jax.nn.softplus,
-                          min_scale: float = 0.0) -> Array:
+                          min_scale: float = 0.0, matmul_dtype=None) -> Array:
     """Diagonal mixture NLL whose parameters are linear maps of head features ``h``.
 
     logits = h W_l + b_l; means = h W_mu + b_mu; scales = scale_fn(h W_s + b_s) + min_scale.
@@ -188,6 +218,11 @@ def mixture_nll_from_head(z: Array, h: Array, w_logits: Array, w_means: Array,
       k_chunk: None or a positive chunk size over K.
       scale_fn: positive activation for the scales (softplus as in the MDN head).
       min_scale: added to the scales (>= 0), a floor for numerical safety.
+      matmul_dtype: None (the inputs' dtype), or a narrower dtype (bfloat16) in which
+        the three linear maps multiply; they accumulate and return in the inputs' dtype
+        (``preferred_element_type``), and everything after them (biases, softplus,
+        log-densities, logsumexp) stays in it. Mixed precision without rounding the
+        maps' outputs to bfloat16.
     Returns:
       (...) negative log-likelihoods.
     """
@@ -209,12 +244,18 @@ def mixture_nll_from_head(z: Array, h: Array, w_logits: Array, w_means: Array,
         raise ValueError(f"min_scale must be >= 0, got {min_scale}")
     _batch_shape(z=z.shape[:-1], h=h.shape[:-1])  # leading shapes must broadcast
 
-    logits = h @ w_logits + (0.0 if b_logits is None else b_logits)
+    def linear(w):  # h (..., H) x w (H, ...) -> (..., ...)
+        if matmul_dtype is None:
+            return jnp.tensordot(h, w, axes=1)
+        flat = low_precision_matmul(h.reshape(-1, hdim), w.reshape(hdim, -1), matmul_dtype)
+        return flat.reshape(*h.shape[:-1], *w.shape[1:])
+
+    logits = linear(w_logits) + (0.0 if b_logits is None else b_logits)
     log_w = jax.nn.log_softmax(logits, axis=-1)
 
     def params(start, size):
-        mu = jnp.einsum("...h,hkd->...kd", h, _slice_k(w_means, start, size, -2))
-        pre = jnp.einsum("...h,hkd->...kd", h, _slice_k(w_scales, start, size, -2))
+        mu = linear(_slice_k(w_means, start, size, -2))
+        pre = linear(_slice_k(w_scales, start, size, -2))
         if b_means is not None:
             mu = mu + _slice_k(b_means, start, size, -2)
         if b_scales is not None:

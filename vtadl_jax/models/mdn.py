@@ -120,14 +120,15 @@ def patch_nll(z: jax.Array, params: MixtureParams, *,
 
 
 def fused_paper_nll(z: jax.Array, head_params: dict, *, k_chunk: int | None,
-                    scale_floor: float) -> jax.Array:
+                    scale_floor: float, matmul_dtype=None) -> jax.Array:
     """Paper-head NLL computed from the head's weights, chunk by chunk over K.
 
     Equal to ``patch_nll(z, MixtureDensityHead(K, "paper")(z))`` but, with ``k_chunk``,
     the (..., K, D) means and scales are never materialised
     (``kernels.mixture.mixture_nll_from_head``). head_params: the head's "params"
     subtree {"logits", "means", "scales"} with Dense kernels (D, K) / (D, K*D).
-    z: (..., D) -> (...).
+    z: (..., D) -> (...). matmul_dtype: the head's compute dtype under mixed precision
+    (bfloat16: the linear maps multiply in it and accumulate in z's dtype).
     """
     from vtadl_jax.kernels import mixture
 
@@ -139,4 +140,5 @@ def fused_paper_nll(z: jax.Array, head_params: dict, *, k_chunk: int | None,
         b_logits=head_params["logits"]["bias"],
         b_means=head_params["means"]["bias"].reshape(k, d),
         b_scales=head_params["scales"]["bias"].reshape(k, d),
-        k_chunk=k_chunk, scale_fn=jax.nn.softplus, min_scale=scale_floor)
+        k_chunk=k_chunk, scale_fn=jax.nn.softplus, min_scale=scale_floor,
+        matmul_dtype=matmul_dtype)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vtadl_jax.kernels.ssim import ssim
 from vtadl_jax.models.mdn import fused_paper_nll, patch_nll
-from vtadl_jax.models.precision import at_least_float32
+from vtadl_jax.models.precision import at_least_float32, flax_dtype
 from vtadl_jax.train.state import TrainState
 
 BATCH_AXIS = "batch"
@@ -77,8 +77,11 @@ def vtadl_losses(model: nn.Module, params, out: dict, images: jax.Array,
     # likelihood, MSE and SSIM statistics are not computed in bfloat16.
     z, recon = at_least_float32(out["embeddings"]), at_least_float32(out["recon"])
     if cfg.fused_head and model.mdn_head == "paper":
+        # Mixed precision: the head's maps multiply in the model's compute dtype, as
+        # the unfused head does, but accumulate in float32.
         nll_patch = fused_paper_nll(z, params["mdn"], k_chunk=cfg.k_chunk,
-                                    scale_floor=model.scale_floor)
+                                    scale_floor=model.scale_floor,
+                                    matmul_dtype=flax_dtype(model.dtype))
     else:
         mixture = jax.tree.map(at_least_float32, out["mixture"])
         nll_patch = patch_nll(z, mixture, head=model.mdn_head, k_chunk=cfg.k_chunk)
