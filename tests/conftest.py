@@ -25,3 +25,24 @@ def x64():
     """Run a test body with float64 enabled (for references computed in float64)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def stub_train(monkeypatch):
+    """`train.loop.train` -> records its config (a list of dicts, returned), writes
+    config.json as the loop does, trains nothing. For CLI and resume checks that must
+    let a run through without the cost of training."""
+    from vtadl_jax.train import loop
+
+    calls = []
+
+    def fake_train(config, workdir, source=None, *, before_write=None, **kwargs):
+        before_write()
+        calls.append(config.to_dict())
+        if jax.process_index() == 0:  # as the loop: process 0 alone writes config.json
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort())
+        return None, {"step": 0, "metrics": {}, "workdir": workdir}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    return calls

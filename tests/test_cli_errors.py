@@ -32,22 +32,6 @@ def root(tmp_path_factory):
     return str(base / "syn" / "object")
 
 
-@pytest.fixture
-def stub_train(monkeypatch):
-    """loop.train -> records its config, writes config.json like the loop, trains nothing."""
-    calls = []
-
-    def fake_train(config, workdir, source=None, *, before_write=None, **kwargs):
-        before_write()
-        calls.append(config.to_dict())
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort())
-        return None, {"step": 0, "metrics": {}, "workdir": workdir}
-
-    monkeypatch.setattr(loop, "train", fake_train)
-    return calls
-
-
 def _train(root, workdir, *extra, config=TINY):
     return ["train", "--config", config, "--workdir", str(workdir), f"data.root={root}",
             "data.backend=direct", *extra]

@@ -150,19 +150,6 @@ def _train_argv(root, workdir, *extra):
             "data.backend=direct", "checkpoint.every_steps=1", "checkpoint.keep=5", *extra]
 
 
-@pytest.fixture
-def stub_train(monkeypatch):
-    calls = []
-
-    def fake_train(config, workdir, source=None, *, before_write=None, **kwargs):
-        before_write()
-        calls.append(config.to_dict())
-        return None, {"step": 0, "metrics": {}, "workdir": workdir}
-
-    monkeypatch.setattr(loop, "train", fake_train)
-    return calls
-
-
 def _records(workdir):
     return {k: v for k, v in _snapshot(workdir).items() if not k.startswith("config_history")}
 
@@ -202,6 +189,29 @@ def test_resume_with_changed_config(data_root, tmp_path, capsys, stub_train, cha
     assert run["num_steps"] == 80 and stub_train[-1] == run
     assert cli.main(_train_argv(data_root, workdir, "--resume", "num_steps=80", *changed)) == 0
     assert len(os.listdir(workdir / "config_history")) == 2  # unchanged: nothing archived
+
+
+def test_only_process_0_writes_run_records(data_root, tmp_path, monkeypatch, stub_train):
+    """Multi-process training: every process runs train_from_config; a process other
+    than 0 trains (the stub is called) but writes no run record: no run.json,
+    config_history/ or train_summary.json of its own, even on a resume that changes the
+    config (each process would otherwise archive the replaced config once)."""
+    workdir = tmp_path / "run"
+    assert cli.main(_train_argv(data_root, workdir)) == 0
+    (workdir / "checkpoints" / "4").mkdir(parents=True)
+    before = _snapshot(workdir)
+    process = {"index": 1}
+    monkeypatch.setattr(jax, "process_index", lambda *a, **k: process["index"])
+    argv = _train_argv(data_root, workdir, "--resume", "seed=3", "--allow-config-change")
+    assert cli.main(argv) == 0
+    assert len(stub_train) == 2 and stub_train[-1]["seed"] == 3  # it did train
+    assert _snapshot(workdir) == before
+    process["index"] = 0  # the same command as process 0 writes them, once
+    assert cli.main(argv) == 0
+    assert len(os.listdir(workdir / "config_history")) == 1
+    assert (workdir / "train_summary.json").is_file()
+    with open(workdir / "run.json") as f:
+        assert json.load(f)["config"]["seed"] == 3
 
 
 def _params(workdir):

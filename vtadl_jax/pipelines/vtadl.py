@@ -15,10 +15,11 @@ import os
 import time
 from typing import Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
-from vtadl_jax import calibration, records
+from vtadl_jax import calibration, multihost, records
 from vtadl_jax.config_checks import (check_model_and_data, check_training_data,
                                      check_vtadl_config)
 from vtadl_jax.methods import vtadl_scoring
@@ -36,9 +37,14 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     writable `workdir`) runs before anything is written; a workdir without checkpoints
     (empty, or the records of a run that failed before its first save) never blocks a
     fresh run. `resume` refuses a changed config unless `allow_config_change`
-    (see pipelines/resume.py).
+    (see pipelines/resume.py). Multi-process (`distributed=True` or
+    `JAX_COORDINATOR_ADDRESS`): every process trains; process 0 alone writes the run's
+    records (run.json, config_history/, train_summary.json), as it alone writes
+    metrics.jsonl and config.json in the loop.
     """
     check_vtadl_config(config)
+    multihost.maybe_initialize_distributed(config)
+    is_main = jax.process_index() == 0
     resume_lib.check_method(workdir, METHOD)
     has_checkpoints = bool(resume_lib.checkpoint_steps(workdir))
     if not resume and has_checkpoints:
@@ -53,6 +59,8 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     records.ensure_writable(workdir, "work directory")
 
     def record_run():  # once the resume point is restored: a failed resume changes nothing
+        if not is_main:
+            return
         if replaced is not None:
             print(f"config changed on resume; previous one kept in "
                   f"{resume_lib.archive_config(workdir, *replaced)}")
@@ -61,9 +69,10 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     start = time.perf_counter()
     state, summary = loop.train(config, workdir, source, before_write=record_run)
     summary["train_seconds"] = time.perf_counter() - start
-    calibration.discard(workdir)  # thresholds of the model before this training
-    records.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
-    print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")
+    if is_main:
+        calibration.discard(workdir)  # thresholds of the model before this training
+        records.write_json_atomic(summary, os.path.join(workdir, "train_summary.json"))
+        print(f"trained {summary['step']} steps in {summary['train_seconds']:.0f}s -> {workdir}")
     return state, summary
 
 
