@@ -16,7 +16,7 @@ cost analysis of the compiled step (all devices: the per-device figure of the
 partitioned program times the device count), the achieved TFLOP/s, the MFU against
 the device's dense peak (``vtadl_jax.train.flops``; "-" where the peak is unknown, as
 for CPUs) and the utilisation of the GEMM rate measured in the same process
-("GEMM util": a square matmul in the step's compute dtype, 2048 on a CPU, 8192 on an
+("GEMM util": a square matmul in the step's compute dtype, 4096 on a CPU, 8192 on an
 accelerator, timed with ``measure_matmul_rate``; the denominator is that rate times the
 device count, or the rate alone for host CPU "devices", which share one machine's
 cores). It is known everywhere, and on an accelerator it shows how far a step is from
@@ -95,7 +95,7 @@ def measure(variant: str, batch: int, steps: int, warmup: int = 1,
     peak = device_peak_flops(kind, dtype)
     util = mfu(flops, step_s, peak, mesh.size)
     del state, x  # the GEMM below gets the device to itself
-    gemm_rate = measure_matmul_rate(2048 if platform == "cpu" else 8192, dtype,
+    gemm_rate = measure_matmul_rate(4096 if platform == "cpu" else 8192, dtype,
                                     repeats=5 if platform == "cpu" else 20)
     gemm_util = mfu(flops, step_s, gemm_rate, 1 if platform == "cpu" else mesh.size)
     return {"variant": variant, "devices": mesh.size, "batch": batch, "timed_steps": steps,
