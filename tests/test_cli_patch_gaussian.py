@@ -204,6 +204,12 @@ def test_distributed_without_a_coordinator_exit_2(run, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "distributed=True" in err and "JAX_COORDINATOR_ADDRESS" in err
     assert "Traceback" not in err and not workdir.exists()
+    # The process count and id come from JAX_NUM_PROCESSES / JAX_PROCESS_ID: checked.
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    assert cli.main(_fit_args(run["root"], workdir, "distributed=True")) == 2
+    err = capsys.readouterr().err
+    assert "JAX_NUM_PROCESSES" in err and "'two'" in err and "Traceback" not in err
+    assert not workdir.exists()
 
 
 def test_unknown_override_key_exit_2(run, tmp_path, capsys):

@@ -16,14 +16,31 @@ import jax
 from vtadl_jax.errors import ConfigError
 
 
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
+
+
 def maybe_initialize_distributed(config: Any) -> None:
-    """``jax.distributed.initialize()`` when ``config.distributed`` or the environment asks."""
+    """``jax.distributed.initialize()`` when ``config.distributed`` or the environment asks.
+
+    The coordinator comes from ``JAX_COORDINATOR_ADDRESS`` (read by JAX) and the process
+    count and id from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read here: JAX itself
+    takes them only as arguments), or all three from a cluster JAX detects (SLURM, Open
+    MPI, Cloud TPU, ...). On CPUs also set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``.
+    """
     wanted = bool(getattr(config, "get", lambda *_: False)("distributed", False))
     if wanted or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         if not jax.distributed.is_initialized():
+            num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
             try:
-                jax.distributed.initialize()
-            except (ValueError, RuntimeError) as err:
+                jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+            except (ValueError, RuntimeError, TypeError) as err:
                 why = "distributed=True" if wanted else "JAX_COORDINATOR_ADDRESS is set"
                 raise ConfigError(
                     f"{why}, but jax.distributed.initialize() failed: {err} (set "

@@ -2,8 +2,9 @@
 
 Mishra et al. 2021 (VT-ADL). One process per host; every process runs this function.
 Multi-host: set ``config.distributed = True`` (or export ``JAX_COORDINATOR_ADDRESS``)
-and ``jax.distributed.initialize()`` is called first (it reads the coordinator, process
-count and id from the environment: SLURM, Open MPI, Cloud TPU, or the JAX_* variables);
+and ``jax.distributed.initialize()`` is called first (coordinator, process count and id
+from a cluster JAX detects: SLURM, Open MPI, Cloud TPU; or from JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID, see ``vtadl_jax.multihost``);
 each process then reads its own B / process_count rows of every global batch from the
 data layer (``batches`` uses ``jax.process_index()``) and the step is data-parallel over
 all devices of all hosts. On one host nothing needs to be set.
