@@ -136,12 +136,15 @@ def main() -> int:
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--num-processes", type=int, default=1)
     args = p.parse_args()
-    if args.mode == "multi":
+    if args.mode == "multi":  # joined as `vtadl-jax train/fit` join: from the environment
+        from vtadl_jax import multihost
+
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes,
-                                   process_id=args.process_id,
-                                   initialization_timeout=60)
+        os.environ.update(JAX_COORDINATOR_ADDRESS=args.coordinator,
+                          JAX_NUM_PROCESSES=str(args.num_processes),
+                          JAX_PROCESS_ID=str(args.process_id))
+        multihost.maybe_initialize_distributed({})
+        assert jax.distributed.is_initialized()
     print(f"process {jax.process_index()}/{jax.process_count()}: "
           f"{jax.local_device_count()} local / {jax.device_count()} devices", flush=True)
     t0 = time.perf_counter()

@@ -361,3 +361,31 @@ def test_unexpected_error_keeps_its_traceback(root, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train", crash)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(_train(root, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("pipeline,check,config", [
+    (vtadl_pipeline, "check_vtadl_config", TINY),
+    (pg_pipeline, "check_patch_gaussian_config", PG + ":object")])
+def test_processes_join_before_the_checks_start_jax(pipeline, check, config, tmp_path,
+                                                    monkeypatch):
+    """`jax.distributed.initialize` must come before anything that starts JAX's backend,
+    and the config checks do (they ask for the device count): train and fit join first.
+    (Checking first made every multi-process `vtadl-jax train` fail.)"""
+    from vtadl_jax.configs import load_config
+
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_check(cfg):
+        order.append("check")
+        raise Stop
+
+    monkeypatch.setattr(pipeline.multihost, "maybe_initialize_distributed",
+                        lambda cfg: order.append("join"))
+    monkeypatch.setattr(pipeline, check, fake_check)
+    run = getattr(pipeline, "train_from_config", None) or pipeline.fit_from_config
+    with pytest.raises(Stop):
+        run(load_config(config), str(tmp_path / "run"))
+    assert order == ["join", "check"]

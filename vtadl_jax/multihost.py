@@ -34,7 +34,9 @@ def maybe_initialize_distributed(config: Any) -> None:
     takes them only as arguments), or all three from a cluster JAX detects (SLURM, Open
     MPI, Cloud TPU, ...). On CPUs also set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``.
     """
-    wanted = bool(getattr(config, "get", lambda *_: False)("distributed", False))
+    wanted = getattr(config, "get", lambda *_: False)("distributed", False)
+    if not isinstance(wanted, bool):
+        raise ConfigError(f"distributed: expected true or false, got {wanted!r}")
     if wanted or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         if not jax.distributed.is_initialized():
             num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
@@ -42,10 +44,12 @@ def maybe_initialize_distributed(config: Any) -> None:
                 jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
             except (ValueError, RuntimeError, TypeError) as err:
                 why = "distributed=True" if wanted else "JAX_COORDINATOR_ADDRESS is set"
-                raise ConfigError(
-                    f"{why}, but jax.distributed.initialize() failed: {err} (set "
-                    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run "
-                    "under a cluster JAX detects: SLURM, Open MPI, Cloud TPU)") from err
+                hint = (" (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID,"
+                        " or run under a cluster JAX detects: SLURM, Open MPI, Cloud TPU)"
+                        if "must be defined" in str(err) or "should be defined" in str(err)
+                        else "")
+                raise ConfigError(f"{why}, but jax.distributed.initialize() failed: {err}"
+                                  f"{hint}") from err
 
 
 def share_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:

@@ -93,8 +93,9 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     training images, the statistics are merged across processes, and process 0 alone
     finalizes and writes the work directory; the others wait for it and return None.
     """
-    check_patch_gaussian_config(config)
+    # First: joining the other processes must precede anything that starts JAX's backend.
     multihost.maybe_initialize_distributed(config)
+    check_patch_gaussian_config(config)
     index, count = jax.process_index(), jax.process_count()
     is_main = index == 0
     resume_lib.check_method(workdir, METHOD)

@@ -42,8 +42,10 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     records (run.json, config_history/, train_summary.json), as it alone writes
     metrics.jsonl and config.json in the loop.
     """
-    check_vtadl_config(config)
+    # First: joining the other processes must precede anything that starts JAX's
+    # backend (the config checks ask for the device count).
     multihost.maybe_initialize_distributed(config)
+    check_vtadl_config(config)
     is_main = jax.process_index() == 0
     resume_lib.check_method(workdir, METHOD)
     has_checkpoints = bool(resume_lib.checkpoint_steps(workdir))
