@@ -196,20 +196,27 @@ def test_process_shares_merge_to_the_whole_fit(run):
                                atol=1e-5 * scale)
 
 
-def test_distributed_without_a_coordinator_exit_2(run, tmp_path, capsys, monkeypatch):
-    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        monkeypatch.delenv(key, raising=False)
+def test_distributed_without_a_coordinator_exit_2(run, tmp_path):
+    """In a fresh process (as a user runs it: JAX's backend not started yet)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     workdir = tmp_path / "never"
-    assert cli.main(_fit_args(run["root"], workdir, "distributed=True")) == 2
-    err = capsys.readouterr().err
-    assert "distributed=True" in err and "JAX_COORDINATOR_ADDRESS" in err
-    assert "Traceback" not in err and not workdir.exists()
+    cmd = [sys.executable, "-m", "vtadl_jax.cli", *_fit_args(run["root"], workdir,
+                                                              "distributed=True")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "distributed=True" in out.stderr and "JAX_COORDINATOR_ADDRESS" in out.stderr
+    assert "Traceback" not in out.stderr and not workdir.exists()
     # The process count and id come from JAX_NUM_PROCESSES / JAX_PROCESS_ID: checked.
-    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
-    assert cli.main(_fit_args(run["root"], workdir, "distributed=True")) == 2
-    err = capsys.readouterr().err
-    assert "JAX_NUM_PROCESSES" in err and "'two'" in err and "Traceback" not in err
-    assert not workdir.exists()
+    out = subprocess.run(cmd, env={**env, "JAX_NUM_PROCESSES": "two"}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "JAX_NUM_PROCESSES" in out.stderr and "'two'" in out.stderr
+    assert "Traceback" not in out.stderr and not workdir.exists()
 
 
 def test_unknown_override_key_exit_2(run, tmp_path, capsys):
