@@ -32,6 +32,17 @@ def test_train_steps_fit_the_time_left():
     assert acc.train_steps(10, 0.1, 10, 60, cap=50) == 1
 
 
+def test_bench_plan_puts_what_is_needed_first():
+    plan = acc.bench_plan(False, (8, 32))
+    assert plan == [(("mnist", 64, 10), "float32"),
+                    (("paper", 8, 3), "bfloat16"), (("paper", 8, 3), "float32"),
+                    (("paper", 32, 3), "bfloat16"), (("paper", 32, 3), "float32")]
+    assert acc.bench_plan(True, (8, 32)) == [(("tiny", 8, 2), "float32"),
+                                             (("tiny", 8, 2), "bfloat16")]
+    assert acc.bench_plan(False, (8,), (None,)) == [(("mnist", 64, 10), None),
+                                                    (("paper", 8, 3), None)]
+
+
 @pytest.mark.skipif(acc.find_mvtec_root(None) is None, reason="real MVTec AD bottle absent")
 def test_cpu_smoke_run_end_to_end(tmp_path):
     """The smoke run minus the selftest stage (tests/test_selftest.py runs that)."""

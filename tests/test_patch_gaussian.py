@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vtadl_jax.kernels import gaussian
 from vtadl_jax.methods import patch_gaussian as pg
 from vtadl_jax.models.backbones import registry
 
