@@ -100,21 +100,34 @@ def fit_gaussians() -> dict:
 PG_TRAIN_IMAGES, PG_SIZE, PG_BATCH = 7, 64, 2  # 7 over 2 processes: shares of 3 and 4
 
 
-def pg_config(root: str):
+def pg_config(root: str, data_dir: str):
+    """The TFDS backend into `data_dir` (shared by the processes: process 0 builds it)."""
     from vtadl_jax.configs import load_config
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(repo, "experiments", "configs", "patch_gaussian_synthetic.py")
-    return load_config(path + ":object", [f"data.root={root}", "data.backend=direct",
+    return load_config(path + ":object", [f"data.root={root}", "data.backend=tfds",
+                                          f"data.data_dir={data_dir}",
                                           f"data.image_size={PG_SIZE}",
                                           f"batch_size={PG_BATCH}",
                                           "gaussian.channel_subset=4"])
 
 
 def fit_pipeline(root: str, workdir: str) -> None:
+    """Fit into `workdir` (TFDS data in `workdir`.tfds); then a fit on a missing folder,
+    whose error (process 0: the data's; the others: process 0's, passed on) is written
+    to `workdir`.error<process index>."""
     from vtadl_jax.pipelines import patch_gaussian as pgp
 
-    pgp.fit_from_config(pg_config(root), workdir)
+    pgp.fit_from_config(pg_config(root, workdir + ".tfds"), workdir)
+    try:
+        pgp.fit_from_config(pg_config(root + ".missing", workdir + ".tfds"),
+                            workdir + ".never")
+        outcome = "no error"
+    except Exception as err:  # noqa: BLE001 - recorded for the test to check
+        outcome = f"{type(err).__name__}: {err}"
+    with open(f"{workdir}.error{jax.process_index()}", "w") as f:
+        f.write(outcome)
 
 
 def results(losses: np.ndarray, params: dict, stats: dict) -> dict[str, np.ndarray]:

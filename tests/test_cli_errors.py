@@ -136,6 +136,15 @@ def test_fit_bad_value_exit_2_and_nothing_written(root, tmp_path, capsys, overri
     assert not workdir.exists()
 
 
+def test_fit_missing_data_folder_exit_2_and_no_workdir(tmp_path, capsys):
+    """The data are opened before the work directory is created (as for train)."""
+    workdir = tmp_path / "pg"
+    rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(workdir),
+                   f"data.root={tmp_path / 'no_such_data'}", "data.backend=direct"])
+    _assert_user_error(capsys, rc, "no_such_data")
+    assert not workdir.exists()
+
+
 def test_fit_image_size_not_a_backbone_multiple(root, tmp_path, capsys):
     from vtadl_jax.models.backbones.contnet import contnet_tiny
 

@@ -135,3 +135,10 @@ def test_two_processes_equal_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "pg_multi").iterdir()) == sorted(
         p.name for p in (tmp_path / "pg_single").iterdir())
     assert "fit: features (process 1/2)" in logs["process1"].read_text()
+    # Both processes read one TFDS directory that process 0 alone built.
+    assert (tmp_path / "pg_multi.tfds").is_dir()
+    # A data error on process 0 reaches process 1 at once (not after a timeout).
+    assert (tmp_path / "pg_multi.error0").read_text().startswith("MissingDataError")
+    err1 = (tmp_path / "pg_multi.error1").read_text()
+    assert err1.startswith("PeerProcessError") and "MissingDataError" in err1
+    assert not (tmp_path / "pg_multi.never").exists()

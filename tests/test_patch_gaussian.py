@@ -450,3 +450,15 @@ def test_source_share_is_a_view():
         multihost.SourceShare(Source(), 4, 11)
     whole = multihost.share(Source())  # one process: everything
     assert len(whole) == 10
+
+
+def test_multihost_helpers_in_one_process():
+    from vtadl_jax import multihost
+
+    assert jax.process_count() == 1
+    calls = []
+    assert multihost.process_0_first(lambda: calls.append(1) or "built", "data_train") == "built"
+    assert calls == [1]  # run once, here
+    multihost.barrier("anything")  # returns at once
+    with pytest.raises(KeyError):  # an error of process 0's step is its own
+        multihost.process_0_first(lambda: {}["x"], "data_test")

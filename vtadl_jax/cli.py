@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Sequence
 
-from vtadl_jax.errors import ConfigError
+from vtadl_jax.errors import ConfigError, PeerProcessError
 
 
 def _cmd_make_synthetic(args) -> int:
@@ -208,7 +208,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
 # Anticipated user errors: bad paths / unwritable directories (OSError), bad values
 # (ValueError: ConfigError, DatasetError, CheckpointError, RunRecordError are subclasses),
 # a non-finite loss (FloatingPointError).
-USER_ERRORS = (OSError, ValueError, ConfigError, FloatingPointError)
+USER_ERRORS = (OSError, ValueError, ConfigError, FloatingPointError, PeerProcessError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

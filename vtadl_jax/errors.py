@@ -26,3 +26,8 @@ class CheckpointError(ValueError):
 
 class RunRecordError(ValueError):
     """A run record of a work directory (metrics.jsonl, run.json) is damaged."""
+
+
+class PeerProcessError(RuntimeError):
+    """In a multi-process run, process 0 failed at a step the others were waiting for
+    (``vtadl_jax.multihost.process_0_first``); its error is in the message."""

@@ -4,16 +4,19 @@ One process per host, every process runs the same command. ``maybe_initialize_di
 joins the processes (the coordinator, process count and id come from the environment,
 e.g. ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or from a
 cluster JAX detects); ``share`` splits a dataset into the processes' contiguous shares;
-``barrier`` waits for every process (orbax's coordination-service barrier).
+``barrier`` waits for every process and ``process_0_first`` runs a step on process 0
+before the others (both through ``jax.distributed``'s coordination service).
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 
-from vtadl_jax.errors import ConfigError
+from vtadl_jax.errors import ConfigError, PeerProcessError
+
+T = TypeVar("T")
 
 
 def _env_int(name: str) -> int | None:
@@ -97,9 +100,56 @@ def share(source, index: int | None = None, count: int | None = None) -> SourceS
     return SourceShare(source, *share_bounds(len(source), index, count))
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches the barrier ``name``; returns at once in one process."""
-    if jax.process_count() > 1:
-        import orbax.checkpoint as ocp
+_USES: dict[str, int] = {}
 
-        ocp.multihost.sync_global_processes(name)
+
+def _unique(name: str) -> str:
+    # Every process calls the same barriers in the same order, so the counters agree.
+    count = _USES.get(name, 0)
+    _USES[name] = count + 1
+    return f"vtadl/{name}/{count}"
+
+
+def _client():
+    import orbax.checkpoint as ocp
+
+    return ocp.multihost.get_jax_distributed_client()
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Wait until every process reaches the barrier ``name`` (at most ``timeout_s``);
+    returns at once in one process.
+
+    A coordination-service barrier (``jax.distributed``'s client), not a device
+    collective: processes may arrive minutes apart (CPU gloo collectives give up after
+    30 s, so orbax's default ``sync_global_processes``, a collective, does not suit).
+    A name may be reused; each call is its own barrier.
+    """
+    if jax.process_count() > 1:
+        _client().wait_at_barrier(_unique(name), int(timeout_s * 1000))
+
+
+def process_0_first(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) -> T:
+    """``fn()`` on process 0, then, once it has returned, on every other process.
+
+    For work that writes shared files the others then read (building a TFDS dataset in
+    a shared data directory: two builders of one dataset collide). If process 0 fails,
+    the others raise ``PeerProcessError`` with its error at once instead of waiting for
+    the timeout. One process: just ``fn()``.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    key = _unique(name)
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException as err:
+            _client().key_value_set(key, f"failed: {type(err).__name__}: {err}")
+            raise
+        _client().key_value_set(key, "ok")
+        return result
+    status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
+    if status != "ok":
+        raise PeerProcessError(f"process 0 {status} ({name}); process "
+                               f"{jax.process_index()} stops too")
+    return fn()

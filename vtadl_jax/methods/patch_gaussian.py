@@ -22,7 +22,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -244,8 +243,11 @@ def merge_across_processes(stats: gaussian.PatchStats) -> gaussian.PatchStats:
         in_specs=PartitionSpec("hosts"), out_specs=PartitionSpec()))
     merge = merge.lower(stacked).compile()
     # Wait for every process (coordination-service barrier) before the collective runs:
-    # CPU (gloo) collectives give up when peers arrive more than 30 s apart.
-    ocp.multihost.sync_global_processes("vtadl_merge_patch_statistics")
+    # CPU (gloo) collectives give up when peers arrive more than 30 s apart, and the
+    # processes finish their shares at different times.
+    from vtadl_jax import multihost
+
+    multihost.barrier("merge_patch_statistics", timeout_s=3600)
     merged = merge(stacked)
     return jax.tree.map(lambda x: x.addressable_data(0), merged)
 

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vtadl_jax import data as data_lib
-from vtadl_jax import calibration, evaluate, metrics, records, report
+from vtadl_jax import calibration, evaluate, metrics, multihost, records, report
 from vtadl_jax.errors import RunRecordError
 from vtadl_jax.metrics.decisions import confusion, mask_overlap
 
@@ -57,7 +57,16 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str):
     "folder"), root, preset, image_size (None = the preset's), scale (None = the
     preset's; "zero_one", "minus_one_one", "imagenet"), backend ("tfds" or "direct"),
     data_dir (TFDS directory), max_examples (MNIST subsets for quick runs).
+
+    Multi-process: process 0 opens (and, with the TFDS backend, builds) the source
+    first, the others after it (`multihost.process_0_first`), so that the processes
+    never build one dataset into a shared data directory at the same time.
     """
+    return multihost.process_0_first(lambda: _make_source(data_cfg, split),
+                                     f"data_{split}")
+
+
+def _make_source(data_cfg: ml_collections.ConfigDict, split: str):
     get = lambda key: data_cfg.get(key, None)  # noqa: E731
     kwargs = {}
     if get("scale"):

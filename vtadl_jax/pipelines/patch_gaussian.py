@@ -99,17 +99,19 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     index, count = jax.process_index(), jax.process_count()
     is_main = index == 0
     resume_lib.check_method(workdir, METHOD)
+    # The data before the work directory (as `vtadl-jax train`): a data error leaves
+    # no empty work directory behind.
+    source = common.make_source(config.data, "train")
     if is_main:
         records.ensure_writable(workdir, "work directory")
     backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
                              seed=config.seed)
     spec = spec_from_config(config, backbone)
-    source = common.make_source(config.data, "train")
     start = time.perf_counter()
     stats, grid = local_statistics(config, backbone, spec, source, index=index, count=count)
     stats = pg.merge_across_processes(stats)
     if not is_main:
-        multihost.barrier("vtadl_fit_saved")  # returns once process 0 has written
+        multihost.barrier("fit_saved", timeout_s=3600)  # returns once process 0 has written
         return None
     model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats not needed after
     jax.block_until_ready(model.whiten)
@@ -119,7 +121,7 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     # Last: a fit that fails earlier leaves a previous run's run.json, model/ and
     # model_spec.json untouched and consistent with each other.
     common.write_run(workdir, METHOD, config)
-    multihost.barrier("vtadl_fit_saved")
+    multihost.barrier("fit_saved", timeout_s=3600)
     print(f"fitted {model.num_images} images, grid {grid}, {model.mean.shape[-1]} channels "
           f"in {fit_seconds:.1f}s" + (f" over {count} processes" if count > 1 else "")
           + f" -> {workdir}")

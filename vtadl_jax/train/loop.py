@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -38,6 +37,7 @@ from vtadl_jax.config_checks import check_vtadl_config
 from vtadl_jax.errors import RunRecordError
 from vtadl_jax.models.variants import get_variant
 from vtadl_jax.models.vtadl import VTADL
+from vtadl_jax import multihost
 from vtadl_jax.multihost import maybe_initialize_distributed
 from vtadl_jax.train import checkpoint as ckpt
 from vtadl_jax.train.optim import make_optimizer
@@ -144,7 +144,7 @@ def _compile_then_sync(step_fn, state, images):
     different times, and CPU (gloo) collectives give up when their peers arrive more
     than 30 s apart."""
     compiled = step_fn.lower(state, images).compile()
-    ocp.multihost.sync_global_processes("vtadl_train_step_compiled")
+    multihost.barrier("train_step_compiled", timeout_s=1800)
     return compiled
 
 
