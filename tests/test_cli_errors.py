@@ -137,12 +137,17 @@ def test_fit_bad_value_exit_2_and_nothing_written(root, tmp_path, capsys, overri
 
 
 def test_fit_missing_data_folder_exit_2_and_no_workdir(tmp_path, capsys):
-    """The data are opened before the work directory is created (as for train)."""
+    """A failed fit removes the (still empty) work directory it created."""
     workdir = tmp_path / "pg"
     rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(workdir),
                    f"data.root={tmp_path / 'no_such_data'}", "data.backend=direct"])
     _assert_user_error(capsys, rc, "no_such_data")
     assert not workdir.exists()
+    workdir.mkdir()  # one that existed before stays
+    rc = cli.main(["fit", "--config", PG + ":object", "--workdir", str(workdir),
+                   f"data.root={tmp_path / 'no_such_data'}", "data.backend=direct"])
+    _assert_user_error(capsys, rc, "no_such_data")
+    assert workdir.is_dir()
 
 
 def test_fit_image_size_not_a_backbone_multiple(root, tmp_path, capsys):

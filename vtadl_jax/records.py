@@ -45,6 +45,16 @@ def ensure_writable(directory: str, what: str = "output directory") -> str:
     return path
 
 
+def remove_if_empty(directory: str) -> bool:
+    """Remove ``directory`` if it exists and is empty (a failed run's fresh output
+    directory); True if removed. Never removes anything with content."""
+    try:
+        os.rmdir(directory)
+        return True
+    except OSError:  # missing, not empty, or not ours to remove
+        return False
+
+
 def write_json_atomic(obj: Any, path: str) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
     write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path, suffix=".json")

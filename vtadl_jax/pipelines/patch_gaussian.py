@@ -99,22 +99,28 @@ def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.Patch
     index, count = jax.process_index(), jax.process_count()
     is_main = index == 0
     resume_lib.check_method(workdir, METHOD)
-    # The data before the work directory (as `vtadl-jax train`): a data error leaves
-    # no empty work directory behind.
-    source = common.make_source(config.data, "train")
-    if is_main:
+    existed = os.path.isdir(workdir)
+    if is_main:  # before the long work: a read-only place is reported now
         records.ensure_writable(workdir, "work directory")
-    backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
-                             seed=config.seed)
-    spec = spec_from_config(config, backbone)
-    start = time.perf_counter()
-    stats, grid = local_statistics(config, backbone, spec, source, index=index, count=count)
-    stats = pg.merge_across_processes(stats)
+    try:
+        backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
+                                 seed=config.seed)
+        spec = spec_from_config(config, backbone)
+        source = common.make_source(config.data, "train")
+        start = time.perf_counter()
+        stats, grid = local_statistics(config, backbone, spec, source, index=index,
+                                       count=count)
+        stats = pg.merge_across_processes(stats)
+        if is_main:
+            model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats freed
+            jax.block_until_ready(model.whiten)
+    except BaseException:
+        if is_main and not existed:  # a failed fit leaves no directory it created
+            records.remove_if_empty(workdir)
+        raise
     if not is_main:
         multihost.barrier("fit_saved", timeout_s=3600)  # returns once process 0 has written
         return None
-    model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats not needed after
-    jax.block_until_ready(model.whiten)
     fit_seconds = time.perf_counter() - start
     calibration.discard(workdir)  # thresholds of a previous model do not fit this one
     save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds, "processes": count})
