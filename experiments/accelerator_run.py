@@ -142,7 +142,7 @@ def bench_stage(stages: Stages, smoke: bool, batches=(8, 32)) -> dict[str, float
     dtypes = ("float32", "bfloat16") if "--dtype" in helptext else (None,)
     runs = bench_plan(smoke, batches, dtypes)
     bench_deadline = time.monotonic() + stages.left() * SHARES["bench"]
-    steps, sized = {}, set()
+    steps, fallback = {}, {}  # float32 (or the only dtype) step times; others
     for i, ((variant, b, n), dt) in enumerate(runs):
         cmd = [sys.executable, BENCH, "--case", variant, "--batch", str(b), "--steps", str(n),
                "--warmup", "1"] + (["--dtype", dt] if dt else [])
@@ -153,17 +153,13 @@ def bench_stage(stages: Stages, smoke: bool, batches=(8, 32)) -> dict[str, float
         rows = _json_lines(rec.get("log_tail", ""))
         if rec.get("status") == "ok" and rows:
             rec["result"] = rows[-1]
-            if rows[-1].get("step_s"):
-                # runs go by batch: the first float32 one is at the first batch
-                if dt in ("float32", None) and variant not in sized:
-                    steps[variant] = rows[-1]["step_s"]
-                    sized.add(variant)
-                else:
-                    steps.setdefault(variant, rows[-1]["step_s"])
+            if rows[-1].get("step_s"):  # runs go by batch: the first is at the first batch
+                (steps if dt in ("float32", None) else fallback).setdefault(
+                    variant, rows[-1]["step_s"])
     if "--dtype" not in helptext:
         stages.records[-1]["note"] = ("bench_train_step.py has no --dtype yet: default dtype "
                                       "only")
-    return steps
+    return {**fallback, **steps}
 
 
 def train_steps(left_s: float, step_s: float | None, runs: int, fixed_s: float,

@@ -101,6 +101,11 @@ def test_check_grads(x64, k_chunk):
     check_grads(f, (z, logits, means, scales), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+def _bf16_rounded(x) -> np.ndarray:
+    """x rounded to bfloat16 (via float32), as float64: the operands a bf16 product sees."""
+    return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
 def test_low_precision_matmul_value_and_gradients():
     """Forward and both backward products on bf16-rounded operands (cotangent rounded
     too), accumulated in float32: a float64 NumPy reference on the rounded arrays."""
@@ -108,7 +113,7 @@ def test_low_precision_matmul_value_and_gradients():
 
     rng = np.random.default_rng(8)
     a, b, g = (rng.normal(size=s).astype(np.float32) for s in ((5, 64), (64, 7), (5, 7)))
-    bf = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    bf = _bf16_rounded
     y, pull = jax.vjp(lambda x, w: low_precision_matmul(x, w, jnp.bfloat16), a, b)
     da, db = pull(jnp.asarray(g))
     assert y.dtype == da.dtype == db.dtype == jnp.float32
@@ -130,7 +135,7 @@ def test_from_head_bf16_matmuls_accumulate_in_float32(k_chunk):
     w = dict(w_logits=rng.normal(size=(hdim, k)) * 0.2,
              w_means=rng.normal(size=(hdim, k, d)) * 0.2,
              w_scales=rng.normal(size=(hdim, k, d)) * 0.05)
-    bf = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    bf = _bf16_rounded
     hr, wr = bf(h), {n: bf(v) for n, v in w.items()}
     ref = _np_diag_nll(z, hr @ wr["w_logits"], np.einsum("nh,hkd->nkd", hr, wr["w_means"]),
                        np.logaddexp(0.0, np.einsum("nh,hkd->nkd", hr, wr["w_scales"])) + 0.01)

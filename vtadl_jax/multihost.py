@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import jax
 
+from vtadl_jax.config_checks import require_bool
 from vtadl_jax.errors import ConfigError, PeerProcessError
 
 T = TypeVar("T")
@@ -37,9 +38,9 @@ def maybe_initialize_distributed(config: Any) -> None:
     takes them only as arguments), or all three from a cluster JAX detects (SLURM, Open
     MPI, Cloud TPU, ...). On CPUs also set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``.
     """
-    wanted = getattr(config, "get", lambda *_: False)("distributed", False)
-    if not isinstance(wanted, bool):
-        raise ConfigError(f"distributed: expected true or false, got {wanted!r}")
+    if "distributed" in config:  # checked before it is used: a string would be truthy
+        require_bool(config, "distributed")
+    wanted = bool(config.get("distributed", False))
     if wanted or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         if not jax.distributed.is_initialized():
             num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")

@@ -20,8 +20,9 @@ for CPUs) and the utilisation of the GEMM rate measured in the same process
 accelerator, timed with ``measure_matmul_rate``; the denominator is that rate times the
 device count, or the rate alone for host CPU "devices", which share one machine's
 cores). It is known everywhere, and on an accelerator it shows how far a step is from
-what the device's own best GEMM reaches, which is below its datasheet peak. On an accelerator (detected in a subprocess) ``ACCELERATOR_CASES`` replace
-``CASES``: the paper config at batch 8 and 32 and mnist at batch 64, on one device.
+what the device's own best GEMM reaches, which is below its datasheet peak. On an
+accelerator (detected in a subprocess) ``ACCELERATOR_CASES`` replace ``CASES``: the
+paper config at batch 8 and 32 and mnist at batch 64, on one device.
 
 Usage: ``python experiments/benchmarks/bench_train_step.py`` (or ``run()``); a single
 case: ``--case mnist --devices 8 --batch 64 --steps 20 --dtype bfloat16`` prints one

@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vtadl_jax import multihost
 from vtadl_jax.kernels import filters, gaussian
 
 FeatureFn = Callable[[jax.Array], Mapping[str, jax.Array]]
@@ -245,8 +246,6 @@ def merge_across_processes(stats: gaussian.PatchStats) -> gaussian.PatchStats:
     # Wait for every process (coordination-service barrier) before the collective runs:
     # CPU (gloo) collectives give up when peers arrive more than 30 s apart, and the
     # processes finish their shares at different times.
-    from vtadl_jax import multihost
-
     multihost.barrier("merge_patch_statistics", timeout_s=3600)
     merged = merge(stacked)
     return jax.tree.map(lambda x: x.addressable_data(0), merged)

@@ -85,7 +85,8 @@ def local_statistics(config: ml_collections.ConfigDict, backbone: Backbone,
     return pg.fit_statistics(batches, shard_positions=config.gaussian.shard_positions)
 
 
-def fit_from_config(config: ml_collections.ConfigDict, workdir: str) -> pg.PatchGaussianModel | None:
+def fit_from_config(config: ml_collections.ConfigDict,
+                    workdir: str) -> pg.PatchGaussianModel | None:
     """Extract features of the normal training images, fit, save to `workdir`.
 
     Multi-process (`config.distributed=True` or `JAX_COORDINATOR_ADDRESS` set; see

@@ -38,7 +38,6 @@ from vtadl_jax.errors import RunRecordError
 from vtadl_jax.models.variants import get_variant
 from vtadl_jax.models.vtadl import VTADL
 from vtadl_jax import multihost
-from vtadl_jax.multihost import maybe_initialize_distributed
 from vtadl_jax.train import checkpoint as ckpt
 from vtadl_jax.train.optim import make_optimizer
 from vtadl_jax.train.state import TrainState, abstract_train_state, create_train_state
@@ -168,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_source=None, *,
         and metrics.jsonl is checked, before config.json is written (the pipeline
         writes its run record there, so a resume that fails changes no record).
     """
-    maybe_initialize_distributed(config)
+    multihost.maybe_initialize_distributed(config)
     check_vtadl_config(config)
     model, tx, loss_cfg = build_model(config), make_optimizer(**config.optim), loss_config(config)
     mesh = make_mesh()
