@@ -292,3 +292,59 @@ def test_write_tables_csv_round_trip(tmp_path):
     body = md.strip().split("\n")[4:]
     assert [line.split(" | ")[0].lstrip("| ") for line in body] == [
         "bottle", "carpet, soft", 'say "hi"']
+
+
+class _ListSource:
+    """A random-access source of preprocessed examples (what `common.make_source` gives)."""
+
+    name, split = "fake", "test"
+
+    def __init__(self, examples):
+        self.examples, self.reads = examples, []
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return self.examples[i]
+
+
+def test_collect_outputs_keeps_no_images_and_report_draws_the_picked_ones(tmp_path, monkeypatch):
+    """Scoring keeps maps, not images (memory grows with the maps only); the report reads
+    back exactly the images it draws, the ones `pick_examples` chose, from the source."""
+    from vtadl_jax.pipelines import common
+
+    rng = np.random.default_rng(0)
+    n, h = 7, 8
+    labels = np.array([0, 1, 0, 1, 1, 0, 0])
+    examples = [{"image": rng.uniform(-1, 1, (h, h, 3)).astype(np.float32),
+                 "mask": (np.arange(h * h).reshape(h, h) < 5 * labels[i]).astype(np.uint8),
+                 "label": int(labels[i]), "defect": "crack" if labels[i] else "good",
+                 "filename": f"{i}.png"} for i in range(n)]
+    source = _ListSource(examples)
+
+    def predict(images):  # a score from the image itself: the rows must not get mixed up
+        return images[..., 0], images.mean(axis=(1, 2, 3)).astype(np.float64)
+
+    out = common.collect_outputs(predict, source, batch_size=3)
+    arrays = [v for v in out.values() if isinstance(v, np.ndarray)]
+    assert not any(a.ndim == 4 for a in arrays), "an image stack was kept"
+    assert out["maps"].shape == (n, h, h)
+    for i in range(n):
+        np.testing.assert_array_equal(out["image_at"](i), examples[i]["image"])
+        assert out["scores"][i] == pytest.approx(float(examples[i]["image"].mean()), rel=1e-6)
+
+    drawn = {}
+
+    def fake_overlays(path, images, maps, masks=None, **kwargs):
+        drawn["images"], drawn["maps"] = images, maps
+        return path
+
+    monkeypatch.setattr(report, "save_overlays", fake_overlays)
+    source.reads.clear()
+    common.write_report(str(tmp_path), out, num_overlays=4)
+    idx = report.pick_examples(out["labels"], out["scores"], 4)
+    assert sorted(source.reads) == sorted(int(i) for i in idx)
+    np.testing.assert_array_equal(drawn["images"], np.stack([examples[i]["image"] for i in idx]))
+    np.testing.assert_array_equal(drawn["maps"], out["maps"][idx])

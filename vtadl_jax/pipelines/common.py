@@ -97,16 +97,17 @@ def iterate_batches(source, batch_size: int, *, desc: str) -> Iterator[dict[str,
 
 
 def collect_outputs(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], source,
-                    batch_size: int, *, keep_images: int = 0,
-                    desc: str = "scoring") -> dict[str, np.ndarray]:
+                    batch_size: int, *, desc: str = "scoring") -> dict[str, Any]:
     """Run `predict(images) -> (maps (B, H, W), scores (B,))` over a test source.
 
-    Returns maps, scores, masks, labels, defects (and the first `keep_images` images for
-    pictures). Maps are kept at the ground-truth resolution of the source.
+    Returns maps (at the ground-truth resolution of the source), scores, masks, labels,
+    defects and filenames, one row per example in source order, and "image_at": i ->
+    the preprocessed image of row i, read again from the source. The images themselves
+    are not kept (a 512 x 512 RGB float image is 3x its map), so memory grows with the
+    maps only; the report reads back the few it draws.
     """
     out: dict[str, list] = {"maps": [], "scores": [], "masks": [], "labels": [], "defects": [],
                             "filenames": []}
-    images: list[np.ndarray] = []
     for batch in iterate_batches(source, batch_size, desc=desc):
         maps, scores = predict(batch["image"])
         out["maps"].append(np.asarray(maps, np.float32))
@@ -115,9 +116,8 @@ def collect_outputs(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         out["labels"].append(np.asarray(batch["label"]))
         out["defects"].append(np.asarray(batch.get("defect", [""] * len(scores)), dtype=object))
         out["filenames"].append(np.asarray(batch.get("filename", [""] * len(scores)), dtype=object))
-        images.extend(np.asarray(batch["image"]))
-    result = {k: np.concatenate(v) for k, v in out.items()}
-    result["images"] = np.stack(images) if images else np.zeros((0,))
+    result: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
+    result["image_at"] = lambda i: np.asarray(source[int(i)]["image"])
     return result
 
 
@@ -183,11 +183,13 @@ def write_report(workdir: str, outputs: dict[str, np.ndarray], *, num_overlays: 
         result["image_auroc_per_defect"] = per_defect
     metrics_path = os.path.join(eval_dir, "metrics.json")
     records.write_json_atomic(result, metrics_path)
-    if num_overlays and outputs["images"].size:
+    image_at = outputs.get("image_at")
+    if num_overlays and image_at is not None and outputs["scores"].size:
         idx = report.pick_examples(outputs["labels"], outputs["scores"], num_overlays)
         titles = [f"{outputs['defects'][i]} score={outputs['scores'][i]:.3g}" for i in idx]
         pixel_t = thresholds.pixel_threshold if thresholds is not None else None
-        report.save_overlays(os.path.join(eval_dir, "overlays.png"), outputs["images"][idx],
+        images = np.stack([image_at(i) for i in idx])
+        report.save_overlays(os.path.join(eval_dir, "overlays.png"), images,
                              outputs["maps"][idx], outputs["masks"][idx], titles=titles,
                              predicted=None if pixel_t is None else outputs["maps"][idx] >= pixel_t)
     if 0 < outputs["labels"].sum() < outputs["labels"].size:
