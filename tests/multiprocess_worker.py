@@ -128,6 +128,43 @@ def fit_pipeline(root: str, workdir: str) -> None:
         outcome = f"{type(err).__name__}: {err}"
     with open(f"{workdir}.error{jax.process_index()}", "w") as f:
         f.write(outcome)
+    evaluate_pipeline(workdir)
+
+
+def evaluate_pipeline(workdir: str) -> None:
+    """Score the test split (every process its share; process 0 saves all rows to
+    `workdir`.scores.npz) and evaluate (`workdir`.eval<process index>: the metrics, null
+    on the others). Several processes: a share that fails on process 1 must stop process
+    0 at once (`workdir`.gather<process index>: the outcome)."""
+    import json
+
+    from vtadl_jax import multihost
+    from vtadl_jax.pipelines import patch_gaussian as pgp
+
+    out = pgp.score_test_split(workdir)
+    if out is not None:
+        np.savez(workdir + ".scores.npz", maps=out["maps"], scores=out["scores"],
+                 labels=out["labels"], filenames=out["filenames"].astype(str))
+    result = pgp.evaluate_workdir(workdir)
+    with open(f"{workdir}.eval{jax.process_index()}", "w") as f:
+        json.dump(result, f)
+    if jax.process_count() == 1:
+        return
+
+    def local():
+        if jax.process_index() == 1:
+            raise ValueError("process 1's share is broken")
+        time.sleep(1)  # process 1 fails first: process 0 must not wait for a timeout
+        return {"x": np.arange(2)}
+
+    start = time.perf_counter()
+    try:
+        multihost.gather_to_process_0(local, workdir + ".gather", "broken", timeout_s=120)
+        outcome = "no error"
+    except Exception as err:  # noqa: BLE001 - recorded for the test to check
+        outcome = f"{type(err).__name__}: {err}"
+    with open(f"{workdir}.gather{jax.process_index()}", "w") as f:
+        json.dump({"outcome": outcome, "seconds": time.perf_counter() - start}, f)
 
 
 def results(losses: np.ndarray, params: dict, stats: dict) -> dict[str, np.ndarray]:

@@ -76,7 +76,7 @@ def test_two_processes_equal_one_process(tmp_path):
     from vtadl_jax import data as data_lib
 
     data_lib.make_synthetic_mvtec(tmp_path / "syn", categories=("object",),
-                                  num_train=worker.PG_TRAIN_IMAGES, num_test_good=1,
+                                  num_train=worker.PG_TRAIN_IMAGES, num_test_good=2,
                                   num_test_defect=1, image_size=worker.PG_SIZE)
     pg_root = str(tmp_path / "syn" / "object")
     port = _free_port()
@@ -142,3 +142,27 @@ def test_two_processes_equal_one_process(tmp_path):
     err1 = (tmp_path / "pg_multi.error1").read_text()
     assert err1.startswith("PeerProcessError") and "MissingDataError" in err1
     assert not (tmp_path / "pg_multi.never").exists()
+
+    # `vtadl-jax evaluate` over 2 processes: each scored its share of the 5 test images,
+    # process 0 got every row in order and alone wrote the report; equal to one process.
+    one = np.load(tmp_path / "pg_single.scores.npz")
+    two = np.load(tmp_path / "pg_multi.scores.npz")
+    assert len(one["scores"]) == 5 and list(two["filenames"]) == list(one["filenames"])
+    np.testing.assert_array_equal(two["labels"], one["labels"])
+    np.testing.assert_allclose(two["scores"], one["scores"], rtol=1e-5)
+    np.testing.assert_allclose(two["maps"], one["maps"], rtol=1e-5, atol=1e-5)
+    m1 = json.loads((tmp_path / "pg_single.eval0").read_text())
+    m2 = json.loads((tmp_path / "pg_multi.eval0").read_text())
+    assert json.loads((tmp_path / "pg_multi.eval1").read_text()) is None
+    for key in ("num_images", "num_anomalous", "image_auroc", "pixel_auroc", "aupro"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+    assert sorted(p.name for p in (tmp_path / "pg_multi" / "eval").iterdir()) == sorted(
+        p.name for p in (tmp_path / "pg_single" / "eval").iterdir())  # no share left behind
+    assert "evaluate (process 1/2)" in logs["process1"].read_text()
+    # A failed share (process 1's) stops process 0 at once with process 1's error.
+    g0 = json.loads((tmp_path / "pg_multi.gather0").read_text())
+    g1 = json.loads((tmp_path / "pg_multi.gather1").read_text())
+    assert g1["outcome"].startswith("ValueError")
+    assert g0["outcome"].startswith("PeerProcessError") and "share is broken" in g0["outcome"]
+    assert g0["seconds"] < 60
+    assert not list((tmp_path / "pg_multi.gather").glob("*.npz"))

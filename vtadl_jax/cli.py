@@ -78,6 +78,11 @@ def _pipeline_for(workdir: str):
 def _cmd_evaluate(args) -> int:
     result = _pipeline_for(args.workdir).evaluate_workdir(
         args.workdir, num_overlays=args.overlays, overrides=args.overrides)
+    if result is None:  # a multi-process evaluation, not process 0
+        import jax
+
+        print(f"process {jax.process_index()}: share scored; process 0 writes the report")
+        return 0
     print(f"metrics: {result['metrics_path']}")
     return 0
 

@@ -4,8 +4,9 @@ One process per host, every process runs the same command. ``maybe_initialize_di
 joins the processes (the coordinator, process count and id come from the environment,
 e.g. ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or from a
 cluster JAX detects); ``share`` splits a dataset into the processes' contiguous shares;
-``barrier`` waits for every process and ``process_0_first`` runs a step on process 0
-before the others (both through ``jax.distributed``'s coordination service).
+``barrier`` waits for every process, ``process_0_first`` runs a step on process 0
+before the others and ``gather_to_process_0`` brings every process's share of results
+to process 0 (all through ``jax.distributed``'s coordination service).
 """
 from __future__ import annotations
 
@@ -154,3 +155,82 @@ def process_0_first(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) -
         raise PeerProcessError(f"process 0 {status} ({name}); process "
                                f"{jax.process_index()} stops too")
     return fn()
+
+
+def _save_arrays(arrays: dict, path: str) -> None:
+    """``arrays`` as an .npz through a temporary file and a rename (strings as unicode
+    arrays, so that reading needs no pickle)."""
+    import tempfile
+
+    import numpy as np
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: (np.asarray(v).astype(str) if np.asarray(v).dtype == object
+                               else np.asarray(v)) for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
+                        timeout_s: float = 6 * 3600.0) -> dict | None:
+    """Every process computes ``local()`` (a dict of arrays with one row per example of
+    its share, e.g. its share of a test set's maps and scores); process 0 returns them
+    concatenated in process order, the others None. One process: ``local()``.
+
+    The shares travel as .npz files through ``directory``, which every process must
+    see (the work directory of a multi-host run lives on a shared file system anyway);
+    process 0 deletes them once read. Each process reports through the coordination
+    service's key-value store, so a failure anywhere reaches process 0 at once as
+    ``PeerProcessError`` (with that process's error) instead of a timeout. String
+    arrays come back as object arrays. A process with an empty share (fewer examples
+    than processes) contributes no rows.
+    """
+    if jax.process_count() == 1:
+        return local()
+    import numpy as np
+
+    key, index, count = _unique(name), jax.process_index(), jax.process_count()
+    path = os.path.join(directory, f".{name}-{key.rsplit('/', 1)[-1]}-{{}}-of-{count}.npz")
+    try:
+        arrays = local()
+        _save_arrays(arrays, path.format(index))
+    except BaseException as err:
+        if index:
+            _client().key_value_set(f"{key}/{index}", f"failed: {type(err).__name__}: {err}")
+        raise
+    if index:
+        _client().key_value_set(f"{key}/{index}", "ok")
+        return None
+    parts = [arrays]
+    try:
+        for peer in range(1, count):
+            try:
+                status = _client().blocking_key_value_get(f"{key}/{peer}",
+                                                          int(timeout_s * 1000))
+            except Exception as err:  # the service's timeout or a lost peer
+                raise PeerProcessError(f"process {peer} did not report within {timeout_s:.0f}"
+                                       f" s ({name}): {err}") from err
+            if status != "ok":
+                raise PeerProcessError(f"process {peer} {status} ({name}); process 0 stops too")
+            with np.load(path.format(peer), allow_pickle=False) as f:
+                parts.append({k: f[k] for k in f.files})
+    finally:
+        for peer in range(count):
+            if os.path.exists(path.format(peer)):
+                os.remove(path.format(peer))
+    out = {}
+    for k in arrays:
+        values = [np.asarray(p[k]) for p in parts]
+        values = [v for v in values if len(v)] or values[:1]  # empty shares: no rows
+        values = [v.astype(object) if v.dtype.kind in "OU" else v for v in values]
+        out[k] = np.concatenate(values)
+    return out

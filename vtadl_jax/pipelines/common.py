@@ -116,9 +116,38 @@ def collect_outputs(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         out["labels"].append(np.asarray(batch["label"]))
         out["defects"].append(np.asarray(batch.get("defect", [""] * len(scores)), dtype=object))
         out["filenames"].append(np.asarray(batch.get("filename", [""] * len(scores)), dtype=object))
-    result: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
+    result: dict[str, Any] = {k: np.concatenate(v) if v else np.zeros((0,), np.float32)
+                              for k, v in out.items()}  # empty: a process's empty share
     result["image_at"] = lambda i: np.asarray(source[int(i)]["image"])
     return result
+
+
+def collect_outputs_all_processes(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                                  source, batch_size: int, directory: str, *,
+                                  desc: str = "scoring") -> dict[str, Any] | None:
+    """`collect_outputs` of the whole `source`, shared out among the processes.
+
+    One process: `collect_outputs`. Several (`multihost`): each scores its contiguous
+    share and process 0 gets every row in source order (`multihost.gather_to_process_0`,
+    the shares passing through `directory`, which all processes must see); the others
+    get None. A failure on any process stops process 0 with `PeerProcessError`.
+    """
+    import jax
+
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return collect_outputs(predict, source, batch_size, desc=desc)
+
+    def local():
+        out = collect_outputs(predict, multihost.share(source), batch_size,
+                              desc=f"{desc} (process {index}/{count})")
+        out.pop("image_at")
+        return out
+
+    out = multihost.gather_to_process_0(local, directory, "scores")
+    if out is not None:
+        out["image_at"] = lambda i: np.asarray(source[int(i)]["image"])
+    return out
 
 
 def _clean(value: Any) -> Any:

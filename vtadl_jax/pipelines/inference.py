@@ -71,8 +71,10 @@ def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
                       test_outputs: Callable[[], dict[str, np.ndarray]], *,
                       normal: Sequence[str] = (), fpr: float | None = None,
                       from_test: bool = False, image_threshold: float | None = None,
-                      pixel_threshold: float | None = None) -> calibration.Thresholds:
-    """Compute (or take) thresholds and store them; see `vtadl_jax.calibration`."""
+                      pixel_threshold: float | None = None) -> calibration.Thresholds | None:
+    """Compute (or take) thresholds and store them; see `vtadl_jax.calibration`.
+
+    None on the processes other than 0 of a multi-process `from_test` calibration."""
     user = image_threshold is not None or pixel_threshold is not None
     if sum((bool(normal) and not user, from_test, user)) != 1:
         raise ValueError("calibrate: give exactly one of --normal-dir D --fpr R, --from-test, "
@@ -92,6 +94,8 @@ def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
         print(f"scored {len(paths)} normal images")
     if from_test:
         o = test_outputs()
+        if o is None:  # multi-process: this process's share went to process 0, which saves
+            return None
         thresholds = calibration.from_labelled(o["scores"], o["labels"], o["maps"],
                                                o["masks"] if o["masks"].ndim == 3 else None,
                                                source="calibrate --from-test: test split")

@@ -206,9 +206,17 @@ def make_predict(model: pg.PatchGaussianModel, backbone: Backbone, out_size: tup
     return lambda images: jax.device_get(predict(arrays, _to_rgb01(images)))
 
 
-def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
-    """Maps, scores and ground truth of the config's test split (`common.collect_outputs`)."""
+def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict | None:
+    """Maps, scores and ground truth of the config's test split (`common.collect_outputs`).
+
+    Under a multi-process launch each process scores its share and process 0 gets all
+    of it (`common.collect_outputs_all_processes`); the other processes get None.
+    """
     from vtadl_jax.configs import apply_overrides
+
+    # First (joining must precede anything that starts JAX's backend): under a
+    # multi-process launch (JAX_COORDINATOR_ADDRESS set) each process scores its share.
+    multihost.maybe_initialize_distributed({})
 
     _, config = common.read_run(workdir)
     apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
@@ -217,17 +225,22 @@ def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
     source = common.make_source(config.data, "test")
     size = source[0]["mask"].shape
     start = time.perf_counter()
-    outputs = common.collect_outputs(make_predict(model, backbone, size), source,
-                                     config.batch_size, desc="evaluate")
+    outputs = common.collect_outputs_all_processes(make_predict(model, backbone, size), source,
+                                                   config.batch_size,
+                                                   os.path.join(workdir, "eval"), desc="evaluate")
+    if outputs is None:  # another process than 0: its share went to process 0
+        return None
     outputs["seconds"] = time.perf_counter() - start
     outputs["title"] = f"patch Gaussians ({model.spec.backbone})"
     return outputs
 
 
 def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
-                     overrides: Sequence[str] = ()) -> dict:
+                     overrides: Sequence[str] = ()) -> dict | None:
     """Score the test split of the config's dataset; write the evaluation report."""
     outputs = score_test_split(workdir, overrides)
+    if outputs is None:  # multi-process: process 0 writes the report
+        return None
     return common.write_report(workdir, outputs, num_overlays=num_overlays,
                                extra={"eval_seconds": outputs.pop("seconds"), "method": METHOD},
                                title=outputs.pop("title"))
@@ -246,7 +259,7 @@ def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[dict
     return inference.predict_files(workdir, lambda: scorer(workdir), paths, out_dir)
 
 
-def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds:
+def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds | None:
     """Store decision thresholds (`inference.calibrate_workdir` options)."""
     return inference.calibrate_workdir(workdir, lambda: scorer(workdir),
                                        lambda: score_test_split(workdir), **options)

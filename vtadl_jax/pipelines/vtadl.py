@@ -121,9 +121,17 @@ def make_predict(workdir: str, config: ml_collections.ConfigDict, batch_size: in
     return predict
 
 
-def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
-    """Maps, scores and ground truth of the training config's test split."""
+def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict | None:
+    """Maps, scores and ground truth of the training config's test split.
+
+    Under a multi-process launch each process scores its share and process 0 gets all
+    of it (`common.collect_outputs_all_processes`); the other processes get None.
+    """
     from vtadl_jax.configs import apply_overrides
+
+    # First (joining must precede anything that starts JAX's backend): under a
+    # multi-process launch (JAX_COORDINATOR_ADDRESS set) each process scores its share.
+    multihost.maybe_initialize_distributed({})
 
     _, config = common.read_run(workdir)
     apply_overrides(config, [o if o.startswith("data.") else "data." + o for o in overrides])
@@ -133,7 +141,10 @@ def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
     batch_size = max(1, int(config.get("eval_batch_size", 32)))
     predict = make_predict(workdir, config, batch_size)
     start = time.perf_counter()
-    outputs = common.collect_outputs(predict, source, batch_size, desc="evaluate")
+    outputs = common.collect_outputs_all_processes(predict, source, batch_size,
+                                                   os.path.join(workdir, "eval"), desc="evaluate")
+    if outputs is None:  # another process than 0: its share went to process 0
+        return None
     outputs["seconds"] = time.perf_counter() - start
     outputs["title"] = f"VT-ADL ({config.model.variant})"
     outputs["score_form"] = scoring_options(config)["score_form"]
@@ -141,9 +152,11 @@ def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict:
 
 
 def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
-                     overrides: Sequence[str] = ()) -> dict:
+                     overrides: Sequence[str] = ()) -> dict | None:
     """Score the test split of the training config's dataset; write the report."""
     outputs = score_test_split(workdir, overrides)
+    if outputs is None:  # multi-process: process 0 writes the report
+        return None
     return common.write_report(workdir, outputs, num_overlays=num_overlays,
                                extra={"eval_seconds": outputs.pop("seconds"), "method": METHOD,
                                       "score_form": outputs.pop("score_form")},
@@ -163,7 +176,7 @@ def predict_files(workdir: str, paths: Sequence[str], out_dir: str) -> list[dict
     return inference.predict_files(workdir, lambda: scorer(workdir), paths, out_dir)
 
 
-def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds:
+def calibrate_workdir(workdir: str, **options) -> calibration.Thresholds | None:
     """Store decision thresholds (`inference.calibrate_workdir` options)."""
     return inference.calibrate_workdir(workdir, lambda: scorer(workdir),
                                        lambda: score_test_split(workdir), **options)
