@@ -128,14 +128,16 @@ def fit_pipeline(root: str, workdir: str) -> None:
         outcome = f"{type(err).__name__}: {err}"
     with open(f"{workdir}.error{jax.process_index()}", "w") as f:
         f.write(outcome)
-    evaluate_pipeline(workdir)
+    evaluate_pipeline(root, workdir)
 
 
-def evaluate_pipeline(workdir: str) -> None:
+def evaluate_pipeline(root: str, workdir: str) -> None:
     """Score the test split (every process its share; process 0 saves all rows to
-    `workdir`.scores.npz) and evaluate (`workdir`.eval<process index>: the metrics, null
-    on the others). Several processes: a share that fails on process 1 must stop process
-    0 at once (`workdir`.gather<process index>: the outcome)."""
+    `workdir`.scores.npz), evaluate (`workdir`.eval<process index>: the metrics, null on
+    the others) and predict the test image files into `workdir`.pred (`workdir`.pred<process
+    index>: the number of rows returned, null on the others). Several processes: a share
+    that fails on process 1 must stop process 0 at once (`workdir`.gather<process index>:
+    the outcome)."""
     import json
 
     from vtadl_jax import multihost
@@ -148,6 +150,10 @@ def evaluate_pipeline(workdir: str) -> None:
     result = pgp.evaluate_workdir(workdir)
     with open(f"{workdir}.eval{jax.process_index()}", "w") as f:
         json.dump(result, f)
+    # `vtadl-jax predict` on the test images: every process its share of the files
+    rows = pgp.predict_files(workdir, [os.path.join(root, "test")], workdir + ".pred")
+    with open(f"{workdir}.pred{jax.process_index()}", "w") as f:
+        json.dump(None if rows is None else len(rows), f)
     if jax.process_count() == 1:
         return
 

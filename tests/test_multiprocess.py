@@ -159,6 +159,15 @@ def test_two_processes_equal_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "pg_multi" / "eval").iterdir()) == sorted(
         p.name for p in (tmp_path / "pg_single" / "eval").iterdir())  # no share left behind
     assert "evaluate (process 1/2)" in logs["process1"].read_text()
+    # `vtadl-jax predict` over 2 processes: each wrote its files' PNGs, process 0 the tables.
+    assert json.loads((tmp_path / "pg_multi.pred1").read_text()) is None
+    assert json.loads((tmp_path / "pg_multi.pred0").read_text()) == 5
+    p1 = json.loads((tmp_path / "pg_single.pred" / "predictions.json").read_text())["images"]
+    p2 = json.loads((tmp_path / "pg_multi.pred" / "predictions.json").read_text())["images"]
+    assert [r["name"] for r in p2] == [r["name"] for r in p1] and len(p1) == 5
+    np.testing.assert_allclose([r["score"] for r in p2], [r["score"] for r in p1], rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "pg_multi.pred").iterdir()) == sorted(
+        p.name for p in (tmp_path / "pg_single.pred").iterdir())  # every PNG, no share file
     # A failed share (process 1's) stops process 0 at once with process 1's error.
     g0 = json.loads((tmp_path / "pg_multi.gather0").read_text())
     g1 = json.loads((tmp_path / "pg_multi.gather1").read_text())

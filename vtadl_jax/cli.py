@@ -88,7 +88,11 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    _pipeline_for(args.workdir).predict_files(args.workdir, args.images, args.out)
+    rows = _pipeline_for(args.workdir).predict_files(args.workdir, args.images, args.out)
+    if rows is None:  # a multi-process prediction, not process 0
+        import jax
+
+        print(f"process {jax.process_index()}: share predicted; process 0 writes the tables")
     return 0
 
 

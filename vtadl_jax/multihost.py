@@ -202,7 +202,8 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
     path = os.path.join(directory, f".{name}-{key.rsplit('/', 1)[-1]}-{{}}-of-{count}.npz")
     try:
         arrays = local()
-        _save_arrays(arrays, path.format(index))
+        if index:  # process 0 keeps its own share in memory
+            _save_arrays(arrays, path.format(index))
     except BaseException as err:
         if index:
             _client().key_value_set(f"{key}/{index}", f"failed: {type(err).__name__}: {err}")
@@ -224,7 +225,7 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
             with np.load(path.format(peer), allow_pickle=False) as f:
                 parts.append({k: f[k] for k in f.files})
     finally:
-        for peer in range(count):
+        for peer in range(1, count):
             if os.path.exists(path.format(peer)):
                 os.remove(path.format(peer))
     out = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from vtadl_jax import calibration, records, report
+from vtadl_jax import calibration, multihost, records, report
 from vtadl_jax.data.image_files import encode_png, find_image_files
 from vtadl_jax.pipelines import common
 
@@ -147,25 +148,44 @@ def _write_image_outputs(out_dir: str, row: dict, image: np.ndarray, amap: np.nd
 
 
 def predict_files(workdir: str, make_scorer: Callable[[], Scorer], specs: Sequence[str],
-                  out_dir: str) -> list[dict[str, Any]]:
+                  out_dir: str) -> list[dict[str, Any]] | None:
     """Per image: raw and normalised score, label, mask PNG, heatmap PNG; plus
     predictions.csv, predictions.json and scores.json (name -> raw score) in `out_dir`.
-    The image names are checked before the model is loaded."""
+    The image names are checked before the model is loaded.
+
+    Under a multi-process launch (`JAX_COORDINATOR_ADDRESS` set; `multihost`) each
+    process scores a contiguous share of the files and writes their PNGs; process 0
+    gathers the rows and alone writes the tables (the others return None)."""
+    import jax
+
+    multihost.maybe_initialize_distributed({})  # first: before JAX's backend starts
     paths = find_image_files(list(specs))
     thresholds = calibration.load(workdir)
     records.ensure_writable(out_dir, "--out directory")  # before the model loads
     scorer = make_scorer()
-    if thresholds is None:
+    index, count = jax.process_index(), jax.process_count()
+    if thresholds is None and index == 0:
         print(f"no thresholds stored in {workdir}: raw scores only, no labels or masks "
               "(set them with `vtadl-jax calibrate`)")
-    names = common.unique_names(paths)
-    rows: list[dict[str, Any]] = []
-    for chunk, images in image_batches(paths, scorer.data, scorer.batch_size, desc="predict"):
-        maps, scores = scorer(images)
-        for path, image, amap, score in zip(chunk, images, maps, scores):
-            row = _row(path, names[len(rows)], score, amap, thresholds)
-            _write_image_outputs(out_dir, row, image, amap, thresholds)
-            rows.append(row)
+    names = common.unique_names(paths)  # of all the files: the same on every process
+    start, stop = multihost.share_bounds(len(paths), index, count)
+
+    def local() -> dict[str, np.ndarray]:
+        rows: list[dict[str, Any]] = []
+        desc = "predict" + (f" (process {index}/{count})" if count > 1 else "")
+        for chunk, images in image_batches(paths[start:stop], scorer.data, scorer.batch_size,
+                                           desc=desc):
+            maps, scores = scorer(images)
+            for path, image, amap, score in zip(chunk, images, maps, scores):
+                row = _row(path, names[start + len(rows)], score, amap, thresholds)
+                _write_image_outputs(out_dir, row, image, amap, thresholds)
+                rows.append(row)
+        return {"rows": np.asarray([json.dumps(r) for r in rows], dtype=object)}
+
+    gathered = multihost.gather_to_process_0(local, out_dir, "predictions")
+    if gathered is None:  # another process than 0: its rows went to process 0
+        return None
+    rows = [json.loads(r) for r in gathered["rows"]]
     columns = ["name", "score", "score_normalised", "label", "anomalous_pixels", "file",
                "heatmap", "mask"]
     tmp = os.path.join(out_dir, ".predictions.csv.tmp")
