@@ -81,8 +81,8 @@ def test_mvtec_builder_missing_manual_dir(tmp_path: Path) -> None:
 
 
 def test_btad_builder_mixed_extensions(tmp_path: Path) -> None:
-    root = make_synthetic_btad(tmp_path / "BTech_Dataset_transformed", num_train=3,
-                               num_test_good=2, num_test_defect=3, image_size=40)
+    make_synthetic_btad(tmp_path / "BTech_Dataset_transformed", num_train=3,
+                        num_test_good=2, num_test_defect=3, image_size=40)
     for product, width in (("01", 40), ("02", 40), ("03", 30)):
         builder = Btad(config=product, data_dir=tmp_path / "data")
         # The parent of BTech_Dataset_transformed/ is accepted as the manual dir.
