@@ -148,12 +148,18 @@ def evaluate_pipeline(root: str, workdir: str) -> None:
         np.savez(workdir + ".scores.npz", maps=out["maps"], scores=out["scores"],
                  labels=out["labels"], filenames=out["filenames"].astype(str))
     result = pgp.evaluate_workdir(workdir)
+    # when evaluate returns on any process, process 0 has written the report
+    written = os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
     with open(f"{workdir}.eval{jax.process_index()}", "w") as f:
-        json.dump(result, f)
+        json.dump({"result": result, "report_written": written}, f)
     # `vtadl-jax predict` on the test images: every process its share of the files
     rows = pgp.predict_files(workdir, [os.path.join(root, "test")], workdir + ".pred")
     with open(f"{workdir}.pred{jax.process_index()}", "w") as f:
         json.dump(None if rows is None else len(rows), f)
+    # `vtadl-jax calibrate --normal-dir` on the training images: shares, process 0 saves
+    t = pgp.calibrate_workdir(workdir, normal=[os.path.join(root, "train")], fpr=0.2)
+    with open(f"{workdir}.calib{jax.process_index()}", "w") as f:
+        json.dump(None if t is None else t.to_json(), f)
     if jax.process_count() == 1:
         return
 

@@ -151,9 +151,12 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_array_equal(two["labels"], one["labels"])
     np.testing.assert_allclose(two["scores"], one["scores"], rtol=1e-5)
     np.testing.assert_allclose(two["maps"], one["maps"], rtol=1e-5, atol=1e-5)
-    m1 = json.loads((tmp_path / "pg_single.eval0").read_text())
-    m2 = json.loads((tmp_path / "pg_multi.eval0").read_text())
-    assert json.loads((tmp_path / "pg_multi.eval1").read_text()) is None
+    m1 = json.loads((tmp_path / "pg_single.eval0").read_text())["result"]
+    m2 = json.loads((tmp_path / "pg_multi.eval0").read_text())["result"]
+    e1 = json.loads((tmp_path / "pg_multi.eval1").read_text())
+    # process 1 gets None, and only once process 0 has written the report (a predict
+    # right after, on process 1, used to miss the thresholds the report stores)
+    assert e1 == {"result": None, "report_written": True}
     for key in ("num_images", "num_anomalous", "image_auroc", "pixel_auroc", "aupro"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
     assert sorted(p.name for p in (tmp_path / "pg_multi" / "eval").iterdir()) == sorted(
@@ -168,6 +171,15 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose([r["score"] for r in p2], [r["score"] for r in p1], rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "pg_multi.pred").iterdir()) == sorted(
         p.name for p in (tmp_path / "pg_single.pred").iterdir())  # every PNG, no share file
+    # `vtadl-jax calibrate --normal-dir` over 2 processes: the one-process thresholds.
+    assert json.loads((tmp_path / "pg_multi.calib1").read_text()) is None
+    c1 = json.loads((tmp_path / "pg_single" / "thresholds.json").read_text())
+    c2 = json.loads((tmp_path / "pg_multi" / "thresholds.json").read_text())
+    assert json.loads((tmp_path / "pg_multi.calib0").read_text())["mode"] == c2["mode"]
+    assert c1["mode"] == c2["mode"]
+    for key in ("image_threshold", "pixel_threshold", "image_scale", "pixel_scale"):
+        assert c1[key] is not None and c2[key] == pytest.approx(c1[key], rel=1e-5), key
+    assert not list((tmp_path / "pg_multi").glob(".normal_scores*"))
     # A failed share (process 1's) stops process 0 at once with process 1's error.
     g0 = json.loads((tmp_path / "pg_multi.gather0").read_text())
     g1 = json.loads((tmp_path / "pg_multi.gather1").read_text())

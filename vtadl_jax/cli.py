@@ -97,9 +97,13 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    _pipeline_for(args.workdir).calibrate_workdir(
+    thresholds = _pipeline_for(args.workdir).calibrate_workdir(
         args.workdir, normal=args.normal_dir or (), fpr=args.fpr, from_test=args.from_test,
         image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
+    if thresholds is None:  # a multi-process calibration, not process 0
+        import jax
+
+        print(f"process {jax.process_index()}: share scored; process 0 writes the thresholds")
     return 0
 
 

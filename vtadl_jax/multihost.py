@@ -5,8 +5,9 @@ joins the processes (the coordinator, process count and id come from the environ
 e.g. ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, or from a
 cluster JAX detects); ``share`` splits a dataset into the processes' contiguous shares;
 ``barrier`` waits for every process, ``process_0_first`` runs a step on process 0
-before the others and ``gather_to_process_0`` brings every process's share of results
-to process 0 (all through ``jax.distributed``'s coordination service).
+before the others, ``process_0_only`` on process 0 while the others wait for it, and
+``gather_to_process_0`` brings every process's share of results to process 0 (all
+through ``jax.distributed``'s coordination service).
 """
 from __future__ import annotations
 
@@ -131,6 +132,25 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
         _client().wait_at_barrier(_unique(name), int(timeout_s * 1000))
 
 
+def _on_process_0(fn: Callable[[], T], name: str, timeout_s: float) -> tuple[bool, T | None]:
+    """(True, ``fn()``) on process 0, which reports the outcome through the key-value
+    store; (False, None) on the others once it has reported "ok" (else PeerProcessError)."""
+    key = _unique(name)
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException as err:
+            _client().key_value_set(key, f"failed: {type(err).__name__}: {err}")
+            raise
+        _client().key_value_set(key, "ok")
+        return True, result
+    status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
+    if status != "ok":
+        raise PeerProcessError(f"process 0 {status} ({name}); process "
+                               f"{jax.process_index()} stops too")
+    return False, None
+
+
 def process_0_first(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) -> T:
     """``fn()`` on process 0, then, once it has returned, on every other process.
 
@@ -141,20 +161,22 @@ def process_0_first(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) -
     """
     if jax.process_count() == 1:
         return fn()
-    key = _unique(name)
-    if jax.process_index() == 0:
-        try:
-            result = fn()
-        except BaseException as err:
-            _client().key_value_set(key, f"failed: {type(err).__name__}: {err}")
-            raise
-        _client().key_value_set(key, "ok")
-        return result
-    status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
-    if status != "ok":
-        raise PeerProcessError(f"process 0 {status} ({name}); process "
-                               f"{jax.process_index()} stops too")
-    return fn()
+    first, result = _on_process_0(fn, name, timeout_s)
+    return result if first else fn()
+
+
+def process_0_only(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) -> T | None:
+    """``fn()`` on process 0; the others return None once it has returned.
+
+    For outputs process 0 alone writes (a report, a table of predictions, thresholds):
+    when this returns on any process they exist, so whatever that process does next (a
+    ``predict`` that reads the thresholds an ``evaluate`` wrote) sees them. If process 0
+    fails, the others raise ``PeerProcessError`` with its error at once. One process:
+    just ``fn()``.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    return _on_process_0(fn, name, timeout_s)[1]
 
 
 def _save_arrays(arrays: dict, path: str) -> None:

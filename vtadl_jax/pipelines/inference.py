@@ -56,16 +56,37 @@ def image_batches(paths: Sequence[str], data_cfg: ml_collections.ConfigDict, bat
         yield chunk, np.stack(images)
 
 
-def score_files(scorer: Scorer, paths: Sequence[str], *,
-                keep_maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def score_files(scorer: Scorer, paths: Sequence[str], *, keep_maps: bool = True,
+                desc: str = "scoring") -> tuple[np.ndarray, np.ndarray | None]:
     """(scores, maps or None) of image files (see `find_image_files` for the names)."""
     scores, maps = [], []
-    for _, images in image_batches(paths, scorer.data, scorer.batch_size, desc="scoring"):
+    for _, images in image_batches(paths, scorer.data, scorer.batch_size, desc=desc):
         m, s = scorer(images)
         scores.append(s)
         if keep_maps:
             maps.append(m)
+    if not scores:  # no file (a process's empty share)
+        return np.zeros((0,)), (np.zeros((0, 0, 0), np.float32) if keep_maps else None)
     return np.concatenate(scores), (np.concatenate(maps) if keep_maps else None)
+
+
+def score_files_all_processes(scorer: Callable[[], Scorer], paths: Sequence[str],
+                              directory: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """`score_files` (scores and maps) of `paths`, shared out among the processes of a
+    multi-process launch: process 0 gets every row in order, the others None (the shares
+    pass through `directory`; `multihost.gather_to_process_0`). One process: all here."""
+    import jax
+
+    index, count = jax.process_index(), jax.process_count()
+    start, stop = multihost.share_bounds(len(paths), index, count)
+
+    def local() -> dict[str, np.ndarray]:
+        desc = "scoring" + (f" (process {index}/{count})" if count > 1 else "")
+        scores, maps = score_files(scorer(), paths[start:stop], desc=desc)
+        return {"scores": scores, "maps": maps}
+
+    out = multihost.gather_to_process_0(local, directory, "normal_scores")
+    return None if out is None else (out["scores"], out["maps"])
 
 
 def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
@@ -75,7 +96,8 @@ def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
                       pixel_threshold: float | None = None) -> calibration.Thresholds | None:
     """Compute (or take) thresholds and store them; see `vtadl_jax.calibration`.
 
-    None on the processes other than 0 of a multi-process `from_test` calibration."""
+    None on the processes other than 0 of a multi-process calibration (each scores a
+    share of the normal images or of the test split; process 0 saves)."""
     user = image_threshold is not None or pixel_threshold is not None
     if sum((bool(normal) and not user, from_test, user)) != 1:
         raise ValueError("calibrate: give exactly one of --normal-dir D --fpr R, --from-test, "
@@ -87,28 +109,38 @@ def calibrate_workdir(workdir: str, scorer: Callable[[], Scorer],
         calibration.check_fpr(fpr)  # before any scoring
         if not normal:
             raise ValueError("--fpr needs --normal-dir (a directory of normal images)")
-    on_normal = None
+    # Under a multi-process launch (JAX_COORDINATOR_ADDRESS set) each process scores a
+    # share of the images and process 0 alone saves; joining precedes JAX's backend.
+    multihost.maybe_initialize_distributed({})
+    scored = test = None  # None on the processes other than 0 of a multi-process run
     if normal:
         paths = find_image_files(list(normal), what="--normal-dir")
-        scores, maps = score_files(scorer(), paths)
-        on_normal = calibration.from_normal(scores, maps, fpr, source=list(normal))
-        print(f"scored {len(paths)} normal images")
+        scored = score_files_all_processes(scorer, paths, workdir)
     if from_test:
-        o = test_outputs()
-        if o is None:  # multi-process: this process's share went to process 0, which saves
-            return None
-        thresholds = calibration.from_labelled(o["scores"], o["labels"], o["maps"],
-                                               o["masks"] if o["masks"].ndim == 3 else None,
-                                               source="calibrate --from-test: test split")
-    elif user:
-        thresholds = calibration.from_user(image_threshold, pixel_threshold,
-                                           calibration.load(workdir), on_normal)
-    else:
-        thresholds = on_normal
-    calibration.save(workdir, thresholds)
-    print(f"{thresholds.mode}: image threshold {thresholds.image_threshold}, pixel threshold "
-          f"{thresholds.pixel_threshold} -> {calibration.path(workdir)}")
-    return thresholds
+        test = test_outputs()
+
+    def decide_and_save() -> calibration.Thresholds:
+        on_normal = None
+        if normal:
+            on_normal = calibration.from_normal(*scored, fpr, source=list(normal))
+            print(f"scored {len(paths)} normal images")
+        if from_test:
+            thresholds = calibration.from_labelled(
+                test["scores"], test["labels"], test["maps"],
+                test["masks"] if test["masks"].ndim == 3 else None,
+                source="calibrate --from-test: test split")
+        elif user:
+            thresholds = calibration.from_user(image_threshold, pixel_threshold,
+                                               calibration.load(workdir), on_normal)
+        else:
+            thresholds = on_normal
+        calibration.save(workdir, thresholds)
+        print(f"{thresholds.mode}: image threshold {thresholds.image_threshold}, pixel "
+              f"threshold {thresholds.pixel_threshold} -> {calibration.path(workdir)}")
+        return thresholds
+
+    # the others return once process 0 has saved (or stop with its error)
+    return multihost.process_0_only(decide_and_save, "calibration_saved")
 
 
 def _row(path: str, name: str, score: float, amap: np.ndarray,
@@ -183,28 +215,32 @@ def predict_files(workdir: str, make_scorer: Callable[[], Scorer], specs: Sequen
         return {"rows": np.asarray([json.dumps(r) for r in rows], dtype=object)}
 
     gathered = multihost.gather_to_process_0(local, out_dir, "predictions")
-    if gathered is None:  # another process than 0: its rows went to process 0
-        return None
-    rows = [json.loads(r) for r in gathered["rows"]]
-    columns = ["name", "score", "score_normalised", "label", "anomalous_pixels", "file",
-               "heatmap", "mask"]
-    tmp = os.path.join(out_dir, ".predictions.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns}
-                         for r in rows)
-    os.replace(tmp, os.path.join(out_dir, "predictions.csv"))
-    summary = {"workdir": os.path.abspath(workdir), "num_images": len(rows),
-               "num_anomalous": sum(r["label"] == "anomalous" for r in rows),
-               "thresholds": thresholds.to_json() if thresholds else None, "images": rows}
-    if thresholds is None:
-        summary["note"] = "no thresholds stored: run `vtadl-jax calibrate` for labels and masks"
-    records.write_json_atomic(summary, os.path.join(out_dir, "predictions.json"))
-    records.write_json_atomic({r["name"]: r["score"] for r in rows},
-                              os.path.join(out_dir, "scores.json"))
-    _print_rows(rows, out_dir)
-    return rows
+
+    def write_tables() -> list[dict[str, Any]]:
+        rows = [json.loads(r) for r in gathered["rows"]]
+        columns = ["name", "score", "score_normalised", "label", "anomalous_pixels", "file",
+                   "heatmap", "mask"]
+        tmp = os.path.join(out_dir, ".predictions.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns}
+                             for r in rows)
+        os.replace(tmp, os.path.join(out_dir, "predictions.csv"))
+        summary = {"workdir": os.path.abspath(workdir), "num_images": len(rows),
+                   "num_anomalous": sum(r["label"] == "anomalous" for r in rows),
+                   "thresholds": thresholds.to_json() if thresholds else None, "images": rows}
+        if thresholds is None:
+            summary["note"] = ("no thresholds stored: run `vtadl-jax calibrate` for labels "
+                               "and masks")
+        records.write_json_atomic(summary, os.path.join(out_dir, "predictions.json"))
+        records.write_json_atomic({r["name"]: r["score"] for r in rows},
+                                  os.path.join(out_dir, "scores.json"))
+        _print_rows(rows, out_dir)
+        return rows
+
+    # the others return once process 0 has written the tables (or stop with its error)
+    return multihost.process_0_only(write_tables, "predictions_written")
 
 
 def _print_rows(rows: list[dict[str, Any]], out_dir: str, limit: int = 20) -> None:

@@ -154,13 +154,16 @@ def score_test_split(workdir: str, overrides: Sequence[str] = ()) -> dict | None
 def evaluate_workdir(workdir: str, *, num_overlays: int = 6,
                      overrides: Sequence[str] = ()) -> dict | None:
     """Score the test split of the training config's dataset; write the report."""
-    outputs = score_test_split(workdir, overrides)
-    if outputs is None:  # multi-process: process 0 writes the report
-        return None
-    return common.write_report(workdir, outputs, num_overlays=num_overlays,
-                               extra={"eval_seconds": outputs.pop("seconds"), "method": METHOD,
-                                      "score_form": outputs.pop("score_form")},
-                               title=outputs.pop("title"))
+    outputs = score_test_split(workdir, overrides)  # None on processes other than 0
+
+    def report() -> dict:
+        extra = {"eval_seconds": outputs.pop("seconds"), "method": METHOD,
+                 "score_form": outputs.pop("score_form")}
+        return common.write_report(workdir, outputs, num_overlays=num_overlays, extra=extra,
+                                   title=outputs.pop("title"))
+
+    # Multi-process: process 0 writes the report; the others return None once it has.
+    return multihost.process_0_only(report, "evaluate_report")
 
 
 def scorer(workdir: str) -> inference.Scorer:
