@@ -75,24 +75,27 @@ def _pipeline_for(workdir: str):
     return pipeline
 
 
+def _share_done(verb: str, outputs: str) -> None:
+    """What a process other than 0 of a multi-process evaluate / predict / calibrate says."""
+    import jax
+
+    print(f"process {jax.process_index()}: share {verb}; process 0 wrote {outputs}")
+
+
 def _cmd_evaluate(args) -> int:
     result = _pipeline_for(args.workdir).evaluate_workdir(
         args.workdir, num_overlays=args.overlays, overrides=args.overrides)
     if result is None:  # a multi-process evaluation, not process 0
-        import jax
-
-        print(f"process {jax.process_index()}: share scored; process 0 writes the report")
-        return 0
-    print(f"metrics: {result['metrics_path']}")
+        _share_done("scored", "the report")
+    else:
+        print(f"metrics: {result['metrics_path']}")
     return 0
 
 
 def _cmd_predict(args) -> int:
     rows = _pipeline_for(args.workdir).predict_files(args.workdir, args.images, args.out)
     if rows is None:  # a multi-process prediction, not process 0
-        import jax
-
-        print(f"process {jax.process_index()}: share predicted; process 0 writes the tables")
+        _share_done("predicted", "the tables")
     return 0
 
 
@@ -101,9 +104,7 @@ def _cmd_calibrate(args) -> int:
         args.workdir, normal=args.normal_dir or (), fpr=args.fpr, from_test=args.from_test,
         image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
     if thresholds is None:  # a multi-process calibration, not process 0
-        import jax
-
-        print(f"process {jax.process_index()}: share scored; process 0 writes the thresholds")
+        _share_done("scored", "the thresholds")
     return 0
 
 

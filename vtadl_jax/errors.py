@@ -30,6 +30,6 @@ class RunRecordError(ValueError):
 
 class PeerProcessError(RuntimeError):
     """In a multi-process run, another process failed at a step this one was waiting for:
-    process 0 at a step it runs first (``vtadl_jax.multihost.process_0_first``), or any
-    process while scoring its share (``multihost.gather_to_process_0``); its error is in
-    the message."""
+    process 0 at a step it runs first or alone (``vtadl_jax.multihost.process_0_first``,
+    ``process_0_only``), or any process while scoring its share
+    (``multihost.gather_to_process_0``); its error is in the message."""

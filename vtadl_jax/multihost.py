@@ -18,6 +18,7 @@ import jax
 
 from vtadl_jax.config_checks import require_bool
 from vtadl_jax.errors import ConfigError, PeerProcessError
+from vtadl_jax.records import atomic_file
 
 T = TypeVar("T")
 
@@ -58,12 +59,16 @@ def maybe_initialize_distributed(config: Any) -> None:
                                   f"{hint}") from err
 
 
-def share_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
-    """[start, stop) of process ``index``'s contiguous share of ``num_examples`` among ``count``.
+def share_bounds(num_examples: int, index: int | None = None,
+                 count: int | None = None) -> tuple[int, int]:
+    """[start, stop) of process ``index``'s contiguous share of ``num_examples`` among ``count``
+    (defaults: ``jax.process_index()/process_count()``).
 
     Shares differ in size by at most one; with fewer examples than processes some are
     empty (start == stop).
     """
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     if count < 1 or not 0 <= index < count:
@@ -98,9 +103,15 @@ class SourceShare:
 
 def share(source, index: int | None = None, count: int | None = None) -> SourceShare:
     """This process's share of ``source`` (defaults: ``jax.process_index()/process_count()``)."""
+    return SourceShare(source, *share_bounds(len(source), index, count))
+
+
+def progress_label(desc: str, index: int | None = None, count: int | None = None) -> str:
+    """``desc`` with " (process i/n)" appended when there are several processes
+    (defaults: ``jax.process_index()/process_count()``), for progress bars."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
-    return SourceShare(source, *share_bounds(len(source), index, count))
+    return desc if count == 1 else f"{desc} (process {index}/{count})"
 
 
 _USES: dict[str, int] = {}
@@ -180,26 +191,13 @@ def process_0_only(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) ->
 
 
 def _save_arrays(arrays: dict, path: str) -> None:
-    """``arrays`` as an .npz through a temporary file and a rename (strings as unicode
-    arrays, so that reading needs no pickle)."""
-    import tempfile
-
+    """``arrays`` as an .npz, written atomically (``records.atomic_file``); strings as
+    unicode arrays, so that reading needs no pickle."""
     import numpy as np
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: (np.asarray(v).astype(str) if np.asarray(v).dtype == object
-                               else np.asarray(v)) for k, v in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path, "wb", suffix=".npz") as f:
+        np.savez(f, **{k: (np.asarray(v).astype(str) if np.asarray(v).dtype == object
+                           else np.asarray(v)) for k, v in arrays.items()})
 
 
 def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,

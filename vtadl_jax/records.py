@@ -7,10 +7,11 @@ never half of either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import IO, Any, Iterator
 
 
 def _umask() -> int:
@@ -62,14 +63,25 @@ def write_json_atomic(obj: Any, path: str) -> None:
 
 def write_text_atomic(text: str, path: str, suffix: str = "") -> None:
     """Write ``text`` through a temporary file and a rename (see the module docstring)."""
+    with atomic_file(path, "w", suffix=suffix) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", suffix: str = "",
+                newline: str | None = None) -> Iterator[IO]:
+    """A file object (``mode`` "w" or "wb") whose content appears at ``path`` only when
+    the block ends without an error: written to a temporary file in the same directory,
+    flushed to disk, then renamed over ``path`` (see the module docstring); on an error
+    the temporary file is removed and ``path`` is untouched. ``newline`` as for open()."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, mode, newline=newline) as f:
             # mkstemp creates the file 0600; give it the mode open() would (0666 & ~umask).
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)

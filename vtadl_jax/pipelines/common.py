@@ -118,8 +118,13 @@ def collect_outputs(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray
         out["filenames"].append(np.asarray(batch.get("filename", [""] * len(scores)), dtype=object))
     result: dict[str, Any] = {k: np.concatenate(v) if v else np.zeros((0,), np.float32)
                               for k, v in out.items()}  # empty: a process's empty share
-    result["image_at"] = lambda i: np.asarray(source[int(i)]["image"])
+    result["image_at"] = _image_reader(source)
     return result
+
+
+def _image_reader(source) -> Callable[[int], np.ndarray]:
+    """i -> the preprocessed image of example i of ``source``."""
+    return lambda i: np.asarray(source[int(i)]["image"])
 
 
 def collect_outputs_all_processes(predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -132,21 +137,15 @@ def collect_outputs_all_processes(predict: Callable[[np.ndarray], tuple[np.ndarr
     the shares passing through `directory`, which all processes must see); the others
     get None. A failure on any process stops process 0 with `PeerProcessError`.
     """
-    import jax
-
-    index, count = jax.process_index(), jax.process_count()
-    if count == 1:
-        return collect_outputs(predict, source, batch_size, desc=desc)
-
     def local():
         out = collect_outputs(predict, multihost.share(source), batch_size,
-                              desc=f"{desc} (process {index}/{count})")
-        out.pop("image_at")
+                              desc=multihost.progress_label(desc))
+        del out["image_at"]  # reads this process's share; process 0 reads the whole source
         return out
 
     out = multihost.gather_to_process_0(local, directory, "scores")
     if out is not None:
-        out["image_at"] = lambda i: np.asarray(source[int(i)]["image"])
+        out["image_at"] = _image_reader(source)
     return out
 
 

@@ -75,14 +75,11 @@ def score_files_all_processes(scorer: Callable[[], Scorer], paths: Sequence[str]
     """`score_files` (scores and maps) of `paths`, shared out among the processes of a
     multi-process launch: process 0 gets every row in order, the others None (the shares
     pass through `directory`; `multihost.gather_to_process_0`). One process: all here."""
-    import jax
-
-    index, count = jax.process_index(), jax.process_count()
-    start, stop = multihost.share_bounds(len(paths), index, count)
+    start, stop = multihost.share_bounds(len(paths))
 
     def local() -> dict[str, np.ndarray]:
-        desc = "scoring" + (f" (process {index}/{count})" if count > 1 else "")
-        scores, maps = score_files(scorer(), paths[start:stop], desc=desc)
+        scores, maps = score_files(scorer(), paths[start:stop],
+                                   desc=multihost.progress_label("scoring"))
         return {"scores": scores, "maps": maps}
 
     out = multihost.gather_to_process_0(local, directory, "normal_scores")
@@ -204,9 +201,8 @@ def predict_files(workdir: str, make_scorer: Callable[[], Scorer], specs: Sequen
 
     def local() -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []
-        desc = "predict" + (f" (process {index}/{count})" if count > 1 else "")
         for chunk, images in image_batches(paths[start:stop], scorer.data, scorer.batch_size,
-                                           desc=desc):
+                                           desc=multihost.progress_label("predict")):
             maps, scores = scorer(images)
             for path, image, amap, score in zip(chunk, images, maps, scores):
                 row = _row(path, names[start + len(rows)], score, amap, thresholds)
@@ -220,13 +216,12 @@ def predict_files(workdir: str, make_scorer: Callable[[], Scorer], specs: Sequen
         rows = [json.loads(r) for r in gathered["rows"]]
         columns = ["name", "score", "score_normalised", "label", "anomalous_pixels", "file",
                    "heatmap", "mask"]
-        tmp = os.path.join(out_dir, ".predictions.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with records.atomic_file(os.path.join(out_dir, "predictions.csv"), "w", suffix=".csv",
+                                 newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns}
                              for r in rows)
-        os.replace(tmp, os.path.join(out_dir, "predictions.csv"))
         summary = {"workdir": os.path.abspath(workdir), "num_images": len(rows),
                    "num_anomalous": sum(r["label"] == "anomalous" for r in rows),
                    "thresholds": thresholds.to_json() if thresholds else None, "images": rows}

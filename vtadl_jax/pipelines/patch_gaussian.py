@@ -79,7 +79,7 @@ def local_statistics(config: ml_collections.ConfigDict, backbone: Backbone,
         shape = jax.eval_shape(features, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
         _, h, w, c = shape.shape
         return gaussian.init(h * w, c, dtype=jnp.float32), (h, w)
-    desc = "fit: features" + (f" (process {index}/{count})" if count > 1 else "")
+    desc = multihost.progress_label("fit: features", index, count)
     batches = (features(_to_rgb01(b["image"])) for b in
                common.iterate_batches(part, config.batch_size, desc=desc))
     return pg.fit_statistics(batches, shard_positions=config.gaussian.shard_positions)
@@ -103,6 +103,7 @@ def fit_from_config(config: ml_collections.ConfigDict,
     existed = os.path.isdir(workdir)
     if is_main:  # before the long work: a read-only place is reported now
         records.ensure_writable(workdir, "work directory")
+
     try:
         backbone = load_backbone(config.backbone.name, config.backbone.weights or None,
                                  seed=config.seed)
@@ -112,23 +113,30 @@ def fit_from_config(config: ml_collections.ConfigDict,
         stats, grid = local_statistics(config, backbone, spec, source, index=index,
                                        count=count)
         stats = pg.merge_across_processes(stats)
-        if is_main:
-            model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats freed
-            jax.block_until_ready(model.whiten)
+        # Process 0 finalizes and writes; the others return None once it has written
+        # (or stop at once with its error, as PeerProcessError).
+        return multihost.process_0_only(
+            lambda: _finalize_and_save(config, workdir, stats, grid, spec, backbone, start,
+                                       count), "fit_saved")
     except BaseException:
         if is_main and not existed:  # a failed fit leaves no directory it created
             records.remove_if_empty(workdir)
         raise
-    if not is_main:
-        multihost.barrier("fit_saved", timeout_s=3600)  # returns once process 0 has written
-        return None
+
+
+def _finalize_and_save(config: ml_collections.ConfigDict, workdir: str, stats, grid, spec,
+                       backbone: Backbone, start: float,
+                       count: int) -> pg.PatchGaussianModel:
+    """Process 0's end of a fit (started at ``time.perf_counter()`` = ``start``): the
+    model from the merged statistics, saved."""
+    model = pg.finalize_model(stats, grid, spec, donate_stats=True)  # stats freed
+    jax.block_until_ready(model.whiten)
     fit_seconds = time.perf_counter() - start
     calibration.discard(workdir)  # thresholds of a previous model do not fit this one
     save_model(workdir, model, backbone, extra={"fit_seconds": fit_seconds, "processes": count})
     # Last: a fit that fails earlier leaves a previous run's run.json, model/ and
     # model_spec.json untouched and consistent with each other.
     common.write_run(workdir, METHOD, config)
-    multihost.barrier("fit_saved", timeout_s=3600)
     print(f"fitted {model.num_images} images, grid {grid}, {model.mean.shape[-1]} channels "
           f"in {fit_seconds:.1f}s" + (f" over {count} processes" if count > 1 else "")
           + f" -> {workdir}")
