@@ -137,7 +137,8 @@ def evaluate_pipeline(root: str, workdir: str) -> None:
     the others) and predict the test image files into `workdir`.pred (`workdir`.pred<process
     index>: the number of rows returned, null on the others). Several processes: a share
     that fails on process 1 must stop process 0 at once (`workdir`.gather<process index>:
-    the outcome)."""
+    the outcome), and one that fails on process 0 must stop process 1, which deletes its
+    share (`workdir`.gather0fails<process index>)."""
     import json
 
     from vtadl_jax import multihost
@@ -169,6 +170,7 @@ def evaluate_pipeline(root: str, workdir: str) -> None:
         time.sleep(1)  # process 1 fails first: process 0 must not wait for a timeout
         return {"x": np.arange(2)}
 
+    os.makedirs(workdir + ".gather", exist_ok=True)
     start = time.perf_counter()
     try:
         multihost.gather_to_process_0(local, workdir + ".gather", "broken", timeout_s=120)
@@ -176,6 +178,22 @@ def evaluate_pipeline(root: str, workdir: str) -> None:
     except Exception as err:  # noqa: BLE001 - recorded for the test to check
         outcome = f"{type(err).__name__}: {err}"
     with open(f"{workdir}.gather{jax.process_index()}", "w") as f:
+        json.dump({"outcome": outcome, "seconds": time.perf_counter() - start}, f)
+
+    def local_0_fails():
+        if jax.process_index() == 0:
+            raise ValueError("process 0's share is broken")
+        time.sleep(1)  # process 1 writes its share after process 0 has failed
+        return {"x": np.arange(2)}
+
+    start = time.perf_counter()
+    try:
+        multihost.gather_to_process_0(local_0_fails, workdir + ".gather", "broken0",
+                                      timeout_s=120)
+        outcome = "no error"
+    except Exception as err:  # noqa: BLE001 - recorded for the test to check
+        outcome = f"{type(err).__name__}: {err}"
+    with open(f"{workdir}.gather0fails{jax.process_index()}", "w") as f:
         json.dump({"outcome": outcome, "seconds": time.perf_counter() - start}, f)
 
 

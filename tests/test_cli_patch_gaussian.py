@@ -321,3 +321,38 @@ def test_make_synthetic_cli(tmp_path, capsys):
     # A second run does not overwrite: an error naming the folder, not a traceback.
     assert cli.main(["make-synthetic", "--out", str(out), "--image-size", "32"]) == 2
     assert str(out) in capsys.readouterr().err
+
+
+def test_distributed_flag_joins_before_scoring(run, tmp_path, monkeypatch, capsys):
+    """`evaluate / predict / calibrate --distributed` join the job JAX detects (SLURM, ...)
+    first; a failed join is exit 2 naming the flag, with nothing written. Without the
+    flag (and no JAX_COORDINATOR_ADDRESS) nothing joins: a batch script's single
+    process under SLURM stays one process."""
+    import jax
+
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+
+    def fake_initialize(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
+    workdir = str(tmp_path / "run")  # a copy: the last call stores thresholds
+    shutil.copytree(run["workdir"], workdir)
+    written = [os.path.join(workdir, "eval", "metrics.json"),
+               os.path.join(workdir, "thresholds.json")]  # both by the fixture's evaluate
+    before = [open(p).read() for p in written]
+    out = tmp_path / "pred"
+    for argv in (["evaluate", "--workdir", workdir],
+                 ["predict", "--workdir", workdir, "--images", run["root"], "--out", str(out)],
+                 ["calibrate", "--workdir", workdir, "--from-test"]):
+        assert cli.main([*argv, "--distributed"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "--distributed, but jax.distributed.initialize() failed" in err, err
+        assert "SLURM" in err and "Traceback" not in err
+    assert len(calls) == 3
+    assert [open(p).read() for p in written] == before and not out.exists()
+    assert cli.main(["calibrate", "--workdir", workdir, "--image-threshold", "1.0"]) == 0
+    assert len(calls) == 3  # no flag: no join

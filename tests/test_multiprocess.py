@@ -187,3 +187,12 @@ def test_two_processes_equal_one_process(tmp_path):
     assert g0["outcome"].startswith("PeerProcessError") and "share is broken" in g0["outcome"]
     assert g0["seconds"] < 60
     assert not list((tmp_path / "pg_multi.gather").glob("*.npz"))
+    # A failed share on process 0 stops process 1, which wrote its share after that
+    # failure and deletes it: nothing is left behind.
+    h0 = json.loads((tmp_path / "pg_multi.gather0fails0").read_text())
+    h1 = json.loads((tmp_path / "pg_multi.gather0fails1").read_text())
+    assert h0["outcome"].startswith("ValueError")
+    assert h1["outcome"].startswith("PeerProcessError") and "process 0's share" in h1["outcome"]
+    assert h1["seconds"] < 60
+    assert (tmp_path / "pg_multi.gather").is_dir()
+    assert not list((tmp_path / "pg_multi.gather").iterdir())

@@ -82,7 +82,18 @@ def _share_done(verb: str, outputs: str) -> None:
     print(f"process {jax.process_index()}: share {verb}; process 0 wrote {outputs}")
 
 
+def _join(args) -> None:
+    """evaluate / predict / calibrate --distributed: join the multi-process job JAX detects
+    (SLURM, Open MPI, Cloud TPU, ...) before anything starts JAX's backend. Without it they
+    join only when JAX_COORDINATOR_ADDRESS is set."""
+    if args.distributed:
+        from vtadl_jax import multihost
+
+        multihost.maybe_initialize_distributed({"distributed": True}, asked_by="--distributed")
+
+
 def _cmd_evaluate(args) -> int:
+    _join(args)
     result = _pipeline_for(args.workdir).evaluate_workdir(
         args.workdir, num_overlays=args.overlays, overrides=args.overrides)
     if result is None:  # a multi-process evaluation, not process 0
@@ -93,6 +104,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    _join(args)
     rows = _pipeline_for(args.workdir).predict_files(args.workdir, args.images, args.out)
     if rows is None:  # a multi-process prediction, not process 0
         _share_done("predicted", "the tables")
@@ -100,6 +112,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    _join(args)
     thresholds = _pipeline_for(args.workdir).calibrate_workdir(
         args.workdir, normal=args.normal_dir or (), fpr=args.fpr, from_test=args.from_test,
         image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
@@ -185,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-threshold", type=float, default=None)
     p.add_argument("--pixel-threshold", type=float, default=None)
     p.set_defaults(func=_cmd_calibrate)
+
+    for name in ("evaluate", "predict", "calibrate"):  # each scores a share per process
+        sub.choices[name].add_argument(
+            "--distributed", action="store_true",
+            help="join the multi-process job JAX detects (SLURM, Open MPI, Cloud TPU) and "
+                 "score a share per process; without it, processes join only when "
+                 "JAX_COORDINATOR_ADDRESS is set")
 
     p = sub.add_parser("demo", help="both methods on generated data, end to end")
     p.add_argument("--out", default="outputs/demo")

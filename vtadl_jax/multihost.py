@@ -33,13 +33,16 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
 
 
-def maybe_initialize_distributed(config: Any) -> None:
+def maybe_initialize_distributed(config: Any, asked_by: str = "distributed=True") -> None:
     """``jax.distributed.initialize()`` when ``config.distributed`` or the environment asks.
 
     The coordinator comes from ``JAX_COORDINATOR_ADDRESS`` (read by JAX) and the process
     count and id from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read here: JAX itself
     takes them only as arguments), or all three from a cluster JAX detects (SLURM, Open
-    MPI, Cloud TPU, ...). On CPUs also set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``.
+    MPI, Cloud TPU, ...): that needs ``config.distributed``, since a cluster's variables
+    are also set around a single process (a batch script's own commands). On CPUs also
+    set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``. ``asked_by`` names the setting in
+    errors (the CLI's ``--distributed``). A no-op once joined.
     """
     if "distributed" in config:  # checked before it is used: a string would be truthy
         require_bool(config, "distributed")
@@ -50,7 +53,7 @@ def maybe_initialize_distributed(config: Any) -> None:
             try:
                 jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
             except (ValueError, RuntimeError, TypeError) as err:
-                why = "distributed=True" if wanted else "JAX_COORDINATOR_ADDRESS is set"
+                why = asked_by if wanted else "JAX_COORDINATOR_ADDRESS is set"
                 hint = (" (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID,"
                         " or run under a cluster JAX detects: SLURM, Open MPI, Cloud TPU)"
                         if "must be defined" in str(err) or "should be defined" in str(err)
@@ -200,6 +203,13 @@ def _save_arrays(arrays: dict, path: str) -> None:
                            else np.asarray(v)) for k, v in arrays.items()})
 
 
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
                         timeout_s: float = 6 * 3600.0) -> dict | None:
     """Every process computes ``local()`` (a dict of arrays with one row per example of
@@ -210,9 +220,12 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
     see (the work directory of a multi-host run lives on a shared file system anyway);
     process 0 deletes them once read. Each process reports through the coordination
     service's key-value store, so a failure anywhere reaches process 0 at once as
-    ``PeerProcessError`` (with that process's error) instead of a timeout. String
-    arrays come back as object arrays. A process with an empty share (fewer examples
-    than processes) contributes no rows.
+    ``PeerProcessError`` (with that process's error) instead of a timeout. The other
+    processes return once process 0 has read every share; if it fails instead (its own
+    share, a peer's, or the process itself lost), each deletes its own share file and
+    raises ``PeerProcessError``, so no share is left behind. String arrays come back as
+    object arrays. A process with an empty share (fewer examples than processes)
+    contributes no rows.
     """
     if jax.process_count() == 1:
         return local()
@@ -225,13 +238,20 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
         if index:  # process 0 keeps its own share in memory
             _save_arrays(arrays, path.format(index))
     except BaseException as err:
-        if index:
-            _client().key_value_set(f"{key}/{index}", f"failed: {type(err).__name__}: {err}")
+        # process 0 too: the others wait for its outcome and then delete their shares
+        _client().key_value_set(f"{key}/{index}", f"failed: {type(err).__name__}: {err}")
         raise
     if index:
         _client().key_value_set(f"{key}/{index}", "ok")
+        try:
+            status = _client().blocking_key_value_get(f"{key}/0", int(timeout_s * 1000))
+        except Exception as err:  # the service's timeout, or process 0 (its host) lost
+            status = f"did not answer within {timeout_s:.0f} s: {err}"
+        if status != "ok":
+            _remove(path.format(index))
+            raise PeerProcessError(f"process 0 {status} ({name}); process {index} stops too")
         return None
-    parts = [arrays]
+    parts, outcome = [arrays], "failed: interrupted"
     try:
         for peer in range(1, count):
             try:
@@ -244,10 +264,14 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
                 raise PeerProcessError(f"process {peer} {status} ({name}); process 0 stops too")
             with np.load(path.format(peer), allow_pickle=False) as f:
                 parts.append({k: f[k] for k in f.files})
+        outcome = "ok"
+    except BaseException as err:
+        outcome = f"failed: {type(err).__name__}: {err}"
+        raise
     finally:
         for peer in range(1, count):
-            if os.path.exists(path.format(peer)):
-                os.remove(path.format(peer))
+            _remove(path.format(peer))
+        _client().key_value_set(f"{key}/0", outcome)
     out = {}
     for k in arrays:
         values = [np.asarray(p[k]) for p in parts]
