@@ -246,7 +246,7 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
         try:
             status = _client().blocking_key_value_get(f"{key}/0", int(timeout_s * 1000))
         except Exception as err:  # the service's timeout, or process 0 (its host) lost
-            status = f"did not answer within {timeout_s:.0f} s: {err}"
+            status = f"was lost or did not answer within {timeout_s:.0f} s: {err}"
         if status != "ok":
             _remove(path.format(index))
             raise PeerProcessError(f"process 0 {status} ({name}); process {index} stops too")
