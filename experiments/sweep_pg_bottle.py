@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from experiments import runner  # noqa: E402
-from vtadl_jax import evaluate  # noqa: E402
+from vtadl_jax import evaluate, records  # noqa: E402
 from vtadl_jax.configs import apply_overrides, load_config  # noqa: E402
 from vtadl_jax.methods import patch_gaussian as pg  # noqa: E402
 from vtadl_jax.models.backbones.registry import load_backbone  # noqa: E402
@@ -114,10 +114,8 @@ def extract_features(root: str, size: int, work: str) -> dict:
         for k, v in parts.items():
             out[f"{split}_{k}"] = np.concatenate(v)
         out[f"{split}_defect"] = np.asarray([source.raw(i)["defect"] for i in range(len(source))])
-    os.makedirs(work, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    with records.atomic_file(path, "wb", suffix=".npz") as f:
+        np.savez(f, **out)
     return out
 
 

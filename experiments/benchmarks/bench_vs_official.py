@@ -282,7 +282,7 @@ def malloc_note() -> str:
 
 
 def write(rows: list[dict], out_dir: str, meta: dict) -> None:
-    from vtadl_jax.records import write_json_atomic
+    from vtadl_jax.records import write_json_atomic, write_text_atomic
 
     write_json_atomic({"meta": meta, "rows": rows}, os.path.join(out_dir, "vs_official.json"))
     lines = ["# VT-ADL train step: the authors' PyTorch code vs ours", "",
@@ -305,10 +305,7 @@ def write(rows: list[dict], out_dir: str, meta: dict) -> None:
                   f"{meta['rates']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (elementwise pass "
                   f"over 256 MiB), measured before the rounds; 'official / floor' is the "
                   f"largest ratio that step could reach here."]
-    tmp = os.path.join(out_dir, ".vs_official.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "vs_official.md"))
+    write_text_atomic("\n".join(lines) + "\n", os.path.join(out_dir, "vs_official.md"))
 
 
 def main(argv=None) -> int:

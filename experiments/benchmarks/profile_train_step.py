@@ -162,7 +162,7 @@ def profile_case(case: str, batch: int, repeats: int) -> list[dict]:
 
 
 def write(results: dict, out_dir: str) -> None:
-    from vtadl_jax.records import write_json_atomic
+    from vtadl_jax.records import write_json_atomic, write_text_atomic
 
     write_json_atomic(results, os.path.join(out_dir, "profile_train_step.json"))
     cols = ("component", "fwd_gflop", "fwd_bwd_gflop", "fwd_ms", "bwd_ms", "fwd_bwd_ms")
@@ -182,10 +182,7 @@ def write(results: dict, out_dir: str) -> None:
                     for c in cols[1:]]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
-    tmp = os.path.join(out_dir, ".profile_train_step.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, os.path.join(out_dir, "profile_train_step.md"))
+    write_text_atomic("\n".join(lines), os.path.join(out_dir, "profile_train_step.md"))
 
 
 def main() -> None:
