@@ -17,7 +17,9 @@ a note when the budget is spent):
      (experiments/configs/vtadl_mvtec.py:bottle, data.root = the bottle's parent folder:
      --mvtec-root, MVTEC_AD_ROOT, or shared/data/mvtec_ad beside or inside the repo).
 Writes <out>/results.json (every stage: command, seconds, status, parsed results) and
-<out>/summary.md with the device kind. On a CPU backend (or with --smoke) a one-minute
+<out>/summary.md with the device kind, both rewritten (atomically) after every stage, so
+a run cut short keeps what it measured; SIGTERM or Ctrl-C stops the running stage, records
+it as interrupted and exits 128 + the signal number. On a CPU backend (or with --smoke) a one-minute
 smoke version runs instead: the quick selftest, the tiny benchmark, a few steps of
 digit 0 on 64 images and of the tiny variant on the bottle at 32 px.
 """
@@ -27,6 +29,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +43,7 @@ if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_j
 
     reexec_with_hugepage_malloc()
 
-from vtadl_jax.records import write_json_atomic  # noqa: E402
+from vtadl_jax.records import write_json_atomic, write_text_atomic  # noqa: E402
 
 BENCH = os.path.join(HERE, "benchmarks", "bench_train_step.py")
 # Share of the time left when a stage starts (the last training stage takes the rest).
@@ -66,13 +69,31 @@ def find_mvtec_root(given: str | None) -> str | None:
     return None
 
 
-class Stages:
-    """Runs stages as subprocesses against one wall-clock budget; records each."""
+class Interrupted(Exception):
+    """SIGTERM (e.g. an outer ``timeout``) or SIGINT while a stage runs."""
 
-    def __init__(self, budget_s: float, out: str):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+class Stages:
+    """Runs stages as subprocesses against one wall-clock budget; records each and calls
+    ``on_record()`` after every record (main: rewrite results.json and summary.md)."""
+
+    def __init__(self, budget_s: float, out: str, on_record=None):
         self.deadline = time.monotonic() + budget_s
         self.out = out
         self.records: list[dict] = []
+        self.on_record = on_record or (lambda: None)
+
+    def add(self, rec: dict) -> None:
+        self.records.append(rec)
+        self.on_record()
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -84,7 +105,7 @@ class Stages:
         if timeout < min_s:
             rec.update(status="skipped", note=f"budget spent ({self.left():.0f} s left, "
                        f"stage needs >= {min_s:.0f} s)")
-            self.records.append(rec)
+            self.add(rec)
             print(f"[{name}] skipped: {rec['note']}", flush=True)
             return rec
         print(f"[{name}] {rec['command']} (time box {timeout:.0f} s)", flush=True)
@@ -93,18 +114,26 @@ class Stages:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, **(env or {})})
+            stopped = None
             try:
                 rc = proc.wait(timeout=timeout)
                 rec["status"] = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
                 rec["status"] = "time box reached (killed)"
+            except (Interrupted, KeyboardInterrupt) as err:
+                stopped = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+                rec["status"] = f"interrupted ({stopped}; killed)"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         rec["seconds"] = round(time.monotonic() - start, 1)
         with open(log_path) as f:
             rec["log_tail"] = f.read()[-1500:]
-        self.records.append(rec)
+        self.add(rec)
         print(f"[{name}] {rec['status']} after {rec['seconds']} s", flush=True)
+        if stopped is not None:
+            raise stopped
         return rec
 
 
@@ -153,6 +182,7 @@ def bench_stage(stages: Stages, smoke: bool, batches=(8, 32)) -> dict[str, float
         rows = _json_lines(rec.get("log_tail", ""))
         if rec.get("status") == "ok" and rows:
             rec["result"] = rows[-1]
+            stages.on_record()
             if rows[-1].get("step_s"):  # runs go by batch: the first is at the first batch
                 (steps if dt in ("float32", None) else fallback).setdefault(
                     variant, rows[-1]["step_s"])
@@ -170,10 +200,12 @@ def train_steps(left_s: float, step_s: float | None, runs: int, fixed_s: float,
     return int(max(1, min(cap, (left_s - fixed_s) / (runs * step_s * 1.2))))
 
 
-def summary_markdown(info: dict, records: list[dict], budget_s: float, smoke: bool) -> str:
+def summary_markdown(info: dict, records: list[dict], budget_s: float, smoke: bool,
+                     interrupted: str | None = None) -> str:
     lines = [f"# Accelerator run{' (smoke)' if smoke else ''}", "",
              f"device: {info['device_kind']} ({info['backend']}, {info['num_devices']} "
-             f"device(s)), jax {info['jax']}; budget {budget_s:.0f} s", "",
+             f"device(s)), jax {info['jax']}; budget {budget_s:.0f} s"
+             + (f"; interrupted by {interrupted}" if interrupted else ""), "",
              "| stage | status | seconds | result |", "|---|---|---|---|"]
     for r in records:
         res = r.get("result")
@@ -205,21 +237,35 @@ def main(argv=None) -> int:
         p.error("--smoke and --full exclude each other")
     smoke = args.smoke or (info["backend"] == "cpu" and not args.full)
     os.makedirs(args.out, exist_ok=True)
-    stages = Stages(args.budget_s, args.out)
-    if "selftest" in args.stages:
-        _selftest_stage(stages, smoke, args.out)
-    step_s = bench_stage(stages, smoke, tuple(args.batch)) if "bench" in args.stages else {}
-    if "mnist" in args.stages:
-        _mnist_stage(stages, smoke, args, step_s)
-    if "bottle" in args.stages:
-        _bottle_stage(stages, smoke, args, step_s)
+    state = {"interrupted": None, "signum": 0}
 
-    result = {**info, "smoke": smoke, "budget_s": args.budget_s, "stages": stages.records}
-    write_json_atomic(result, os.path.join(args.out, "results.json"))
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(summary_markdown(info, stages.records, args.budget_s, smoke))
+    def write() -> None:  # after every stage: a run cut short keeps what it measured
+        result = {**info, "smoke": smoke, "budget_s": args.budget_s,
+                  "interrupted": state["interrupted"], "stages": stages.records}
+        write_json_atomic(result, os.path.join(args.out, "results.json"))
+        write_text_atomic(summary_markdown(info, stages.records, args.budget_s, smoke,
+                                           state["interrupted"]),
+                          os.path.join(args.out, "summary.md"))
+
+    stages = Stages(args.budget_s, args.out, on_record=write)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if "selftest" in args.stages:
+            _selftest_stage(stages, smoke, args.out)
+        step_s = bench_stage(stages, smoke, tuple(args.batch)) if "bench" in args.stages else {}
+        if "mnist" in args.stages:
+            _mnist_stage(stages, smoke, args, step_s)
+        if "bottle" in args.stages:
+            _bottle_stage(stages, smoke, args, step_s)
+    except (Interrupted, KeyboardInterrupt) as err:
+        stopped = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+        state["interrupted"], state["signum"] = str(stopped), stopped.signum
+        print(f"interrupted by {stopped}: the stages so far are recorded", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        write()
     print(f"summary: {os.path.join(args.out, 'summary.md')}")
-    return 0
+    return 128 + state["signum"] if state["interrupted"] else 0
 
 
 def _selftest_stage(stages: Stages, smoke: bool, out: str) -> None:
@@ -234,6 +280,7 @@ def _selftest_stage(stages: Stages, smoke: bool, out: str) -> None:
         rec["result"] = {"passed": st["passed"], "checks": len(st["checks"]),
                          "failed": [c["kernel"] + "/" + c["dtype"] for c in st["checks"]
                                     if not c["passed"]]}
+        stages.on_record()
 
 
 def _mnist_stage(stages: Stages, smoke: bool, args, step_s: dict) -> None:
@@ -251,15 +298,16 @@ def _mnist_stage(stages: Stages, smoke: bool, args, step_s: dict) -> None:
     rec = stages.run("mnist_table2", [sys.executable, runner, "--out", out, "--fresh", *extra,
                                       *common], SHARES["mnist"])
     _attach_table(rec, out, "digit")
+    stages.on_record()
 
 
 def _bottle_stage(stages: Stages, smoke: bool, args, step_s: dict) -> None:
     root = find_mvtec_root(args.mvtec_root)
     out = os.path.join(args.out, "vtadl_bottle")
     if root is None:
-        stages.records.append({"stage": "bottle", "status": "skipped",
-                               "note": "real MVTec AD bottle not found (--mvtec-root, "
-                               "MVTEC_AD_ROOT or shared/data/mvtec_ad)"})
+        stages.add({"stage": "bottle", "status": "skipped",
+                    "note": "real MVTec AD bottle not found (--mvtec-root, "
+                    "MVTEC_AD_ROOT or shared/data/mvtec_ad)"})
         return
     if smoke:
         extra = ["num_steps=2", "model.variant=tiny", "data.image_size=32", "batch_size=8"]
@@ -270,6 +318,7 @@ def _bottle_stage(stages: Stages, smoke: bool, args, step_s: dict) -> None:
                                 "--out", out, "--fresh", "--categories", "bottle", *extra,
                                 "progress=False"], SHARES["bottle"], env={"MVTEC_AD_ROOT": root})
     _attach_table(rec, out, "category")
+    stages.on_record()
 
 
 def _attach_table(rec: dict, out: str, key: str) -> None:

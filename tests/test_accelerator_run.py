@@ -12,7 +12,9 @@ from experiments import accelerator_run as acc  # noqa: E402
 
 
 def test_stages_time_box_failure_and_skip(tmp_path):
-    stages = acc.Stages(budget_s=8.0, out=str(tmp_path))
+    seen = []
+    stages = acc.Stages(budget_s=8.0, out=str(tmp_path),
+                        on_record=lambda: seen.append(len(stages.records)))
     ok = stages.run("ok", [sys.executable, "-c", "print('{\"step_s\": 0.5}')"], 1.0, min_s=1)
     assert ok["status"] == "ok" and acc._json_lines(ok["log_tail"]) == [{"step_s": 0.5}]
     bad = stages.run("bad", [sys.executable, "-c", "raise SystemExit(3)"], 1.0, min_s=1)
@@ -23,6 +25,39 @@ def test_stages_time_box_failure_and_skip(tmp_path):
     late = stages.run("late", [sys.executable, "-c", "pass"], 1.0, min_s=60)
     assert late["status"] == "skipped" and "budget spent" in late["note"]
     assert [r["stage"] for r in stages.records] == ["ok", "bad", "slow", "late"]
+    assert seen == [1, 2, 3, 4]  # main rewrites results.json after every stage
+
+
+def test_sigterm_records_the_stages_so_far(tmp_path):
+    """An outer `timeout` (SIGTERM) while a stage runs: the stage is killed and recorded
+    as interrupted, results.json and summary.md say so, exit 128 + 15."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "acc"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments",
+                                                          "accelerator_run.py"),
+                             "--out", str(out), "--smoke", "--stages", "bench",
+                             "--budget-s", "300"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "bench_tiny_float32.log").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    result = json.loads((out / "results.json").read_text())
+    assert result["interrupted"] == "SIGTERM"
+    assert [r["stage"] for r in result["stages"]] == ["bench_tiny_float32"]
+    assert result["stages"][0]["status"].startswith("interrupted (SIGTERM")
+    assert "interrupted by SIGTERM" in (out / "summary.md").read_text()
 
 
 def test_train_steps_fit_the_time_left():
