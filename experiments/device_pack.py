@@ -40,6 +40,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+if __name__ == "__main__":  # first, before jax loads: huge-page malloc (vtadl_jax.hostmem)
+    from vtadl_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
 # Runtime packages missing from the device image (its package list: the device tool's
 # KINDS.md, 2026-11-17), pinned as `pip download` resolved them for requirements.txt's
 # tensorflow-datasets / array-record / ml-collections on CPython 3.12.
