@@ -22,10 +22,15 @@ def test_bad_round_counts_exit_2(capsys):
 
 
 def test_malloc_note_names_the_setting(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.hugetlb=1")
     assert "huge pages" in bench.malloc_note()
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert bench.malloc_note() == "default malloc (no huge pages)"
+    monkeypatch.setenv("LD_PRELOAD", "/x/a.so:/usr/lib/libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_CONF", "thp:always")
+    assert bench.malloc_note() == ("jemalloc (libjemalloc.so.2 preloaded, "
+                                   "MALLOC_CONF=thp:always)")
 
 
 def _counting_step(loss: float, sleep_s: float):

@@ -42,6 +42,44 @@ def test_no_restart_unless_thp_is_madvise(applicable, monkeypatch, mode):
     assert hostmem.hugepage_malloc_env({}) is None
 
 
+def test_jemalloc_opt_in(applicable, tmp_path, capsys):
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    env = hostmem.hugepage_malloc_env({"VTADL_JAX_MALLOC": f"jemalloc:{lib}",
+                                       "LD_PRELOAD": "/x/other.so"})
+    assert env["LD_PRELOAD"] == f"{lib}:/x/other.so"
+    assert env["MALLOC_CONF"] == hostmem.JEMALLOC_CONF and "retain:true" in env["MALLOC_CONF"]
+    assert "GLIBC_TUNABLES" not in env and env["VTADL_JAX_HUGEPAGE_REEXEC"] == "1"
+    mine = hostmem.hugepage_malloc_env({"VTADL_JAX_MALLOC": f"jemalloc:{lib}",
+                                        "MALLOC_CONF": "narenas:2"})
+    assert mine["MALLOC_CONF"] == "narenas:2"  # the user's own configuration stands
+    assert hostmem.hugepage_malloc_env({"VTADL_JAX_MALLOC": f"jemalloc:{lib}",
+                                        "LD_PRELOAD": str(lib)}) is None  # already loaded
+    assert hostmem.hugepage_malloc_env({"VTADL_JAX_MALLOC": f"jemalloc:{lib}",
+                                        "VTADL_JAX_HUGEPAGE_MALLOC": "0"}) is None
+    assert capsys.readouterr().err == ""
+    # A missing library or an unknown value: said on stderr, glibc's tunable instead.
+    for value, says in ((f"jemalloc:{tmp_path / 'none.so'}", "not found"),
+                        ("tcmalloc", "not understood")):
+        env = hostmem.hugepage_malloc_env({"VTADL_JAX_MALLOC": value})
+        assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "LD_PRELOAD" not in env
+        err = capsys.readouterr().err
+        assert "VTADL_JAX_MALLOC" in err and says in err
+
+
+JEMALLOC = next((p for p in hostmem._JEMALLOC_PATHS if os.path.isfile(p)), None)
+MAPS_PROBE = ("import os; from vtadl_jax.hostmem import reexec_with_hugepage_malloc; "
+              "reexec_with_hugepage_malloc(); "
+              "print('jemalloc' in open('/proc/self/maps').read(), os.environ['MALLOC_CONF'])")
+
+
+@pytest.mark.skipif(JEMALLOC is None or hostmem._thp_mode() not in ("madvise", "always"),
+                    reason="libjemalloc.so.2 not installed (apt: libjemalloc2) or THP off")
+def test_jemalloc_restart_loads_it():
+    out = _run(["-c", MAPS_PROBE, "x"], VTADL_JAX_MALLOC="jemalloc").split()
+    assert out == ["True", hostmem.JEMALLOC_CONF]
+
+
 def test_thp_mode_parsing(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
@@ -53,7 +91,8 @@ def _run(args, stdin=None, **env):
     """stdout of ``python *args`` in this environment without any hostmem setting."""
     full = {k: v for k, v in os.environ.items()
             if k not in ("GLIBC_TUNABLES", "VTADL_JAX_HUGEPAGE_MALLOC",
-                         "VTADL_JAX_HUGEPAGE_REEXEC")}
+                         "VTADL_JAX_HUGEPAGE_REEXEC", "VTADL_JAX_MALLOC", "LD_PRELOAD",
+                         "MALLOC_CONF")}
     full.update(env, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, *args], input=stdin, capture_output=True,
                           text=True, env=full, timeout=60, check=True).stdout

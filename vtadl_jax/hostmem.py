@@ -24,6 +24,18 @@ it at its own start. It does nothing (returns False) when:
 * the interpreter was not started from a command line that can be replayed
   (``sys.orig_argv`` or ``sys.executable`` empty, an interactive session, a script
   read from standard input).
+
+Opt-in alternative, ``VTADL_JAX_MALLOC=jemalloc`` (or ``jemalloc:/path/to/libjemalloc.so.2``):
+restart with jemalloc preloaded (``LD_PRELOAD``; Debian/Ubuntu package libjemalloc2),
+configured (``MALLOC_CONF``, unless set) to back its memory with transparent huge pages
+and to keep freed memory for reuse (``JEMALLOC_CONF``), so a step after the first maps
+no new memory at all. Measured on the project's 2-core CPU, each configuration in its own
+process, VT-ADL at 512 px: code-equivalent step, batch 2, 0.864-0.879 s against 0.887-1.146 s
+with the glibc tunable (and as steady as 0.86-0.89 s from step to step), batch 8 3.30 vs
+3.40 s; the "paper" variant, batch 2, 1.64 vs 1.72 s, its system time 0.36 -> 0.01 s per
+step (2,151 page faults -> 0). Not the default: it needs a system library outside pip.
+Without the library it says so on stderr and falls back to the glibc tunable. Under
+``VTADL_JAX_HUGEPAGE_MALLOC=0`` neither is applied.
 """
 from __future__ import annotations
 
@@ -32,6 +44,12 @@ import platform
 import sys
 
 OPT_OUT_ENV = "VTADL_JAX_HUGEPAGE_MALLOC"
+MALLOC_ENV = "VTADL_JAX_MALLOC"
+JEMALLOC_CONF = "thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
+_JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
+                   "/usr/local/lib/libjemalloc.so.2")
 _DONE_ENV = "VTADL_JAX_HUGEPAGE_REEXEC"
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -59,12 +77,39 @@ def _glibc_at_least(major: int, minor: int) -> bool:
     return have >= (major, minor)
 
 
+def _jemalloc_library(choice: str) -> str | None:
+    """The library ``VTADL_JAX_MALLOC`` names ("jemalloc[:path]"), if it is a file."""
+    _, _, path = choice.partition(":")
+    candidates = (path,) if path else _JEMALLOC_PATHS
+    return next((p for p in candidates if os.path.isfile(p)), None)
+
+
 def hugepage_malloc_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
     """The environment to restart with, or None where a restart would not help (see the
-    module docstring). Pure apart from reading the platform and the THP setting."""
+    module docstring). Pure apart from reading the platform, the THP setting and, under
+    ``VTADL_JAX_MALLOC=jemalloc``, whether the library exists (a warning if not)."""
     environ = dict(os.environ if environ is None else environ)
     if environ.get(OPT_OUT_ENV, "1").strip() == "0" or environ.get(_DONE_ENV):
         return None
+    choice = environ.get(MALLOC_ENV, "").strip()
+    if choice and choice.split(":")[0] != "jemalloc":
+        print(f"vtadl_jax.hostmem: {MALLOC_ENV}={choice!r} not understood (expected "
+              "'jemalloc' or 'jemalloc:/path/to/libjemalloc.so.2'); ignored", file=sys.stderr)
+    elif choice and sys.platform.startswith("linux") and _thp_mode() in ("madvise", "always"):
+        library = _jemalloc_library(choice)
+        if library is None:
+            looked = choice.split(":", 1)[1] if ":" in choice else ", ".join(_JEMALLOC_PATHS)
+            print(f"vtadl_jax.hostmem: {MALLOC_ENV}={choice}: libjemalloc.so.2 not found "
+                  f"(looked for {looked}); using glibc's huge-page tunable instead",
+                  file=sys.stderr)
+        elif library not in environ.get("LD_PRELOAD", "").split(":"):
+            preload = environ.get("LD_PRELOAD", "")
+            environ["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+            environ.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+            environ[_DONE_ENV] = "1"
+            return environ
+        else:  # already preloaded by the user
+            return None
     current = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current:
         return None

@@ -273,9 +273,14 @@ def run(official: str, batches=(2, 8), rounds: int = 3, cases=("code", "paper"),
 
 
 def malloc_note() -> str:
-    """How glibc's malloc ran (``vtadl_jax.hostmem``): it changes both sides' times."""
+    """How malloc ran (``vtadl_jax.hostmem``: glibc's huge-page tunable, or jemalloc under
+    ``VTADL_JAX_MALLOC=jemalloc``): it changes both sides' times."""
     from vtadl_jax.hostmem import TUNABLE
 
+    preload = [p for p in (os.environ.get("LD_PRELOAD") or "").split(":") if "jemalloc" in p]
+    if preload:
+        return (f"jemalloc ({os.path.basename(preload[0])} preloaded, "
+                f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})")
     if TUNABLE in (os.environ.get("GLIBC_TUNABLES") or ""):
         return f"malloc with transparent huge pages (GLIBC_TUNABLES={TUNABLE})"
     return "default malloc (no huge pages)"
