@@ -35,7 +35,8 @@ with the glibc tunable (and as steady as 0.86-0.89 s from step to step), batch 8
 3.40 s; the "paper" variant, batch 2, 1.64 vs 1.72 s, its system time 0.36 -> 0.01 s per
 step (2,151 page faults -> 0). Not the default: it needs a system library outside pip.
 Without the library it says so on stderr and falls back to the glibc tunable. Under
-``VTADL_JAX_HUGEPAGE_MALLOC=0`` neither is applied.
+``VTADL_JAX_HUGEPAGE_MALLOC=0`` neither is applied. It does not depend on the kernel's
+THP mode (with THP off, jemalloc still keeps its memory).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _jemalloc_library(choice: str) -> str | None:
     """The library ``VTADL_JAX_MALLOC`` names ("jemalloc[:path]"), if it is a file."""
     _, _, path = choice.partition(":")
     candidates = (path,) if path else _JEMALLOC_PATHS
-    return next((p for p in candidates if os.path.isfile(p)), None)
+    return next((os.path.abspath(p) for p in candidates if os.path.isfile(p)), None)
 
 
 def hugepage_malloc_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
@@ -95,7 +96,7 @@ def hugepage_malloc_env(environ: dict[str, str] | None = None) -> dict[str, str]
     if choice and choice.split(":")[0] != "jemalloc":
         print(f"vtadl_jax.hostmem: {MALLOC_ENV}={choice!r} not understood (expected "
               "'jemalloc' or 'jemalloc:/path/to/libjemalloc.so.2'); ignored", file=sys.stderr)
-    elif choice and sys.platform.startswith("linux") and _thp_mode() in ("madvise", "always"):
+    elif choice and sys.platform.startswith("linux"):  # without THP it still keeps memory
         library = _jemalloc_library(choice)
         if library is None:
             looked = choice.split(":", 1)[1] if ":" in choice else ", ".join(_JEMALLOC_PATHS)
