@@ -81,6 +81,11 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+def _as_interrupted(err: BaseException) -> Interrupted:
+    """An Interrupted for SIGTERM (already one) or Ctrl-C (KeyboardInterrupt)."""
+    return err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+
+
 class Stages:
     """Runs stages as subprocesses against one wall-clock budget; records each and calls
     ``on_record()`` after every record (main: rewrite results.json and summary.md)."""
@@ -121,7 +126,7 @@ class Stages:
             except subprocess.TimeoutExpired:
                 rec["status"] = "time box reached (killed)"
             except (Interrupted, KeyboardInterrupt) as err:
-                stopped = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+                stopped = _as_interrupted(err)
                 rec["status"] = f"interrupted ({stopped}; killed)"
             finally:
                 if proc.poll() is None:
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
         if "bottle" in args.stages:
             _bottle_stage(stages, smoke, args, step_s)
     except (Interrupted, KeyboardInterrupt) as err:
-        stopped = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+        stopped = _as_interrupted(err)
         state["interrupted"], state["signum"] = str(stopped), stopped.signum
         print(f"interrupted by {stopped}: the stages so far are recorded", flush=True)
     finally:

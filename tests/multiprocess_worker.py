@@ -141,7 +141,6 @@ def evaluate_pipeline(root: str, workdir: str) -> None:
     share (`workdir`.gather0fails<process index>)."""
     import json
 
-    from vtadl_jax import multihost
     from vtadl_jax.pipelines import patch_gaussian as pgp
 
     out = pgp.score_test_split(workdir)
@@ -164,36 +163,33 @@ def evaluate_pipeline(root: str, workdir: str) -> None:
     if jax.process_count() == 1:
         return
 
-    def local():
-        if jax.process_index() == 1:
-            raise ValueError("process 1's share is broken")
-        time.sleep(1)  # process 1 fails first: process 0 must not wait for a timeout
-        return {"x": np.arange(2)}
-
     os.makedirs(workdir + ".gather", exist_ok=True)
-    start = time.perf_counter()
-    try:
-        multihost.gather_to_process_0(local, workdir + ".gather", "broken", timeout_s=120)
-        outcome = "no error"
-    except Exception as err:  # noqa: BLE001 - recorded for the test to check
-        outcome = f"{type(err).__name__}: {err}"
-    with open(f"{workdir}.gather{jax.process_index()}", "w") as f:
-        json.dump({"outcome": outcome, "seconds": time.perf_counter() - start}, f)
+    # process 1 fails first: process 0 must not wait for a timeout
+    _failing_gather(workdir, failing=1, name="broken", record="gather")
+    # process 1 writes its share after process 0 has failed, then must delete it
+    _failing_gather(workdir, failing=0, name="broken0", record="gather0fails")
 
-    def local_0_fails():
-        if jax.process_index() == 0:
-            raise ValueError("process 0's share is broken")
-        time.sleep(1)  # process 1 writes its share after process 0 has failed
+
+def _failing_gather(workdir: str, *, failing: int, name: str, record: str) -> None:
+    """A gather whose share fails on process ``failing`` (the other one finishes a second
+    later); `workdir`.<record><process index>: the outcome and how long it took."""
+    import json
+
+    from vtadl_jax import multihost
+
+    def local():
+        if jax.process_index() == failing:
+            raise ValueError(f"process {failing}'s share is broken")
+        time.sleep(1)
         return {"x": np.arange(2)}
 
     start = time.perf_counter()
     try:
-        multihost.gather_to_process_0(local_0_fails, workdir + ".gather", "broken0",
-                                      timeout_s=120)
+        multihost.gather_to_process_0(local, workdir + ".gather", name, timeout_s=120)
         outcome = "no error"
     except Exception as err:  # noqa: BLE001 - recorded for the test to check
         outcome = f"{type(err).__name__}: {err}"
-    with open(f"{workdir}.gather0fails{jax.process_index()}", "w") as f:
+    with open(f"{workdir}.{record}{jax.process_index()}", "w") as f:
         json.dump({"outcome": outcome, "seconds": time.perf_counter() - start}, f)
 
 

@@ -72,6 +72,11 @@ def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path])
         pytest.fail(f"worker(s) failed or timed out after {TIMEOUT_S} s:\n{text}")
 
 
+def _outcomes(stem: pathlib.Path) -> tuple[dict, dict]:
+    """What processes 0 and 1 recorded (`multiprocess_worker._failing_gather`)."""
+    return tuple(json.loads(pathlib.Path(f"{stem}{i}").read_text()) for i in (0, 1))
+
+
 def test_two_processes_equal_one_process(tmp_path):
     from vtadl_jax import data as data_lib
 
@@ -181,16 +186,14 @@ def test_two_processes_equal_one_process(tmp_path):
         assert c1[key] is not None and c2[key] == pytest.approx(c1[key], rel=1e-5), key
     assert not list((tmp_path / "pg_multi").glob(".normal_scores*"))
     # A failed share (process 1's) stops process 0 at once with process 1's error.
-    g0 = json.loads((tmp_path / "pg_multi.gather0").read_text())
-    g1 = json.loads((tmp_path / "pg_multi.gather1").read_text())
+    g0, g1 = _outcomes(tmp_path / "pg_multi.gather")
     assert g1["outcome"].startswith("ValueError")
     assert g0["outcome"].startswith("PeerProcessError") and "share is broken" in g0["outcome"]
     assert g0["seconds"] < 60
     assert not list((tmp_path / "pg_multi.gather").glob("*.npz"))
     # A failed share on process 0 stops process 1, which wrote its share after that
     # failure and deletes it: nothing is left behind.
-    h0 = json.loads((tmp_path / "pg_multi.gather0fails0").read_text())
-    h1 = json.loads((tmp_path / "pg_multi.gather0fails1").read_text())
+    h0, h1 = _outcomes(tmp_path / "pg_multi.gather0fails")
     assert h0["outcome"].startswith("ValueError")
     assert h1["outcome"].startswith("PeerProcessError") and "process 0's share" in h1["outcome"]
     assert h1["seconds"] < 60

@@ -146,10 +146,13 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
         _client().wait_at_barrier(_unique(name), int(timeout_s * 1000))
 
 
-def _on_process_0(fn: Callable[[], T], name: str, timeout_s: float) -> tuple[bool, T | None]:
+def _on_process_0(fn: Callable[[], T], name: str, timeout_s: float,
+                  key: str | None = None) -> tuple[bool, T | None]:
     """(True, ``fn()``) on process 0, which reports the outcome through the key-value
-    store; (False, None) on the others once it has reported "ok" (else PeerProcessError)."""
-    key = _unique(name)
+    store (under ``key``, default a fresh one for ``name``); (False, None) on the others
+    once it has reported "ok", else PeerProcessError: its failure, its loss, or no
+    answer within ``timeout_s``."""
+    key = _unique(name) if key is None else key
     if jax.process_index() == 0:
         try:
             result = fn()
@@ -158,7 +161,10 @@ def _on_process_0(fn: Callable[[], T], name: str, timeout_s: float) -> tuple[boo
             raise
         _client().key_value_set(key, "ok")
         return True, result
-    status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
+    try:
+        status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as err:  # the service's timeout, or process 0 (its host) lost
+        status = f"was lost or did not answer within {timeout_s:.0f} s: {err}"
     if status != "ok":
         raise PeerProcessError(f"process 0 {status} ({name}); process "
                                f"{jax.process_index()} stops too")
@@ -169,9 +175,9 @@ def process_0_first(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) -
     """``fn()`` on process 0, then, once it has returned, on every other process.
 
     For work that writes shared files the others then read (building a TFDS dataset in
-    a shared data directory: two builders of one dataset collide). If process 0 fails,
-    the others raise ``PeerProcessError`` with its error at once instead of waiting for
-    the timeout. One process: just ``fn()``.
+    a shared data directory: two builders of one dataset collide). If process 0 fails
+    (or is lost), the others raise ``PeerProcessError`` with its error at once instead of
+    waiting for the timeout. One process: just ``fn()``.
     """
     if jax.process_count() == 1:
         return fn()
@@ -185,8 +191,8 @@ def process_0_only(fn: Callable[[], T], name: str, timeout_s: float = 3600.0) ->
     For outputs process 0 alone writes (a report, a table of predictions, thresholds):
     when this returns on any process they exist, so whatever that process does next (a
     ``predict`` that reads the thresholds an ``evaluate`` wrote) sees them. If process 0
-    fails, the others raise ``PeerProcessError`` with its error at once. One process:
-    just ``fn()``.
+    fails (or is lost), the others raise ``PeerProcessError`` with its error at once. One
+    process: just ``fn()``.
     """
     if jax.process_count() == 1:
         return fn()
@@ -233,47 +239,44 @@ def gather_to_process_0(local: Callable[[], dict], directory: str, name: str,
 
     key, index, count = _unique(name), jax.process_index(), jax.process_count()
     path = os.path.join(directory, f".{name}-{key.rsplit('/', 1)[-1]}-{{}}-of-{count}.npz")
-    try:
-        arrays = local()
-        if index:  # process 0 keeps its own share in memory
-            _save_arrays(arrays, path.format(index))
-    except BaseException as err:
-        # process 0 too: the others wait for its outcome and then delete their shares
-        _client().key_value_set(f"{key}/{index}", f"failed: {type(err).__name__}: {err}")
-        raise
-    if index:
-        _client().key_value_set(f"{key}/{index}", "ok")
+
+    def gather() -> list[dict]:  # process 0: its own share (kept in memory), then the others'
+        parts = [local()]
         try:
-            status = _client().blocking_key_value_get(f"{key}/0", int(timeout_s * 1000))
-        except Exception as err:  # the service's timeout, or process 0 (its host) lost
-            status = f"was lost or did not answer within {timeout_s:.0f} s: {err}"
-        if status != "ok":
+            for peer in range(1, count):
+                try:
+                    status = _client().blocking_key_value_get(f"{key}/{peer}",
+                                                              int(timeout_s * 1000))
+                except Exception as err:  # the service's timeout or a lost peer
+                    raise PeerProcessError(f"process {peer} did not report within "
+                                           f"{timeout_s:.0f} s ({name}): {err}") from err
+                if status != "ok":
+                    raise PeerProcessError(f"process {peer} {status} ({name}); process 0 "
+                                           "stops too")
+                with np.load(path.format(peer), allow_pickle=False) as f:
+                    parts.append({k: f[k] for k in f.files})
+        finally:
+            for peer in range(1, count):
+                _remove(path.format(peer))
+        return parts
+
+    if index:
+        try:
+            _save_arrays(local(), path.format(index))
+        except BaseException as err:
+            _client().key_value_set(f"{key}/{index}", f"failed: {type(err).__name__}: {err}")
+            raise
+        _client().key_value_set(f"{key}/{index}", "ok")
+    try:  # the others wait for process 0's outcome; on a failure they delete their share
+        first, parts = _on_process_0(gather, name, timeout_s, key=f"{key}/0")
+    except BaseException:
+        if index:
             _remove(path.format(index))
-            raise PeerProcessError(f"process 0 {status} ({name}); process {index} stops too")
-        return None
-    parts, outcome = [arrays], "failed: interrupted"
-    try:
-        for peer in range(1, count):
-            try:
-                status = _client().blocking_key_value_get(f"{key}/{peer}",
-                                                          int(timeout_s * 1000))
-            except Exception as err:  # the service's timeout or a lost peer
-                raise PeerProcessError(f"process {peer} did not report within {timeout_s:.0f}"
-                                       f" s ({name}): {err}") from err
-            if status != "ok":
-                raise PeerProcessError(f"process {peer} {status} ({name}); process 0 stops too")
-            with np.load(path.format(peer), allow_pickle=False) as f:
-                parts.append({k: f[k] for k in f.files})
-        outcome = "ok"
-    except BaseException as err:
-        outcome = f"failed: {type(err).__name__}: {err}"
         raise
-    finally:
-        for peer in range(1, count):
-            _remove(path.format(peer))
-        _client().key_value_set(f"{key}/0", outcome)
+    if not first:
+        return None
     out = {}
-    for k in arrays:
+    for k in parts[0]:
         values = [np.asarray(p[k]) for p in parts]
         values = [v for v in values if len(v)] or values[:1]  # empty shares: no rows
         values = [v.astype(object) if v.dtype.kind in "OU" else v for v in values]
